@@ -11,6 +11,7 @@ and LFS), open pull requests and download files:
     GET  /api/models/{ns}/{name}/tree/{rev}[/{path}]?recursive=
     GET  /api/models/{ns}/{name}/commits/{rev}
     GET  /api/models/{ns}/{name}/refs[?include_prs=1]
+    POST /api/models/{ns}/{name}/branch/{branch}     create a branch (startingPoint, default main)
     POST /api/models/{ns}/{name}/preupload/{rev}    -> uploadMode "regular" | "lfs" (by size / extension), oid
     POST /api/models/{ns}/{name}/commit/{rev}[?create_pr=1]   NDJSON: header, file, lfsFile, deletedFile, deletedFolder
     POST /{ns}/{name}.git/info/lfs/objects/batch    LFS batch API ("basic" transfer)
@@ -276,6 +277,8 @@ class Handler(BaseHTTPRequestHandler):
                 return self._tree(repo_id, unquote(rest[1]), path, query)
             if len(rest) == 2 and rest[0] == "commits" and method == "GET":
                 return self._commits(repo_id, unquote(rest[1]))
+            if len(rest) >= 2 and rest[0] == "branch" and method == "POST":
+                return self._create_branch(repo_id, unquote("/".join(rest[1:])), json.loads(self._body or b"{}"))
             if rest == ["refs"] and method == "GET":
                 return self._refs(repo_id, query)
             if len(rest) == 2 and rest[0] == "preupload" and method == "POST":
@@ -384,6 +387,14 @@ class Handler(BaseHTTPRequestHandler):
             "branches": [{"name": b, "ref": f"refs/heads/{b}", "targetCommit": o} for b, o in sorted(repo.branches.items())],
             "converts": [], "tags": [], "pullRequests": prs if query.get("include_prs") else None,
         })
+
+    def _create_branch(self, repo_id: str, branch: str, payload: dict):
+        repo, _ = self._repo(repo_id, write=True)
+        if branch in repo.branches:
+            raise HubError(409, f"Branch {branch} already exists")
+        start = self._rev(repo, payload.get("startingPoint") or "main")
+        repo.branches[branch] = start.oid
+        self._json(200, {"success": True})
 
     def _preupload(self, repo_id: str, rev: str, payload: dict, query: dict):
         repo, _ = self._repo(repo_id, write=True)
