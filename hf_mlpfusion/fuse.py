@@ -1,0 +1,195 @@
+"""`fuse(model, FusionConfig(...))`: one verb over an in-memory model (no files involved).
+
+plan (which layers, which widths) -> gather every selected MLP -> reduce all layers of the same
+shape in one batched call -> build the fused model (custom classes with per-layer widths and frozen
+count buffers, or a stock class when the result has one width and no count vector).
+The input model is not modified: the result is a new model that owns copies of the weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections import defaultdict
+from typing import Callable
+
+import torch
+from transformers import PreTrainedModel
+
+from . import __version__, modeling
+from .architectures import get_adapter, head_name
+from .architectures.base import MLPWeights
+from .config import FusionConfig
+from .errors import InvalidConfigError, UnsupportedArchitectureError
+from .fusion import METHODS, ReducedMLPs, fold_counts
+
+Progress = Callable[[str], None]
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise InvalidConfigError(f"bad device {device!r}: use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidConfigError("device 'cuda' asked for but CUDA is not available: use --device cpu or auto")
+    return dev
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _qualified_names(model: torch.nn.Module) -> dict[int, str]:
+    return {id(m): name for name, m in model.named_modules()}
+
+
+def reduce_layers(weights: dict[int, MLPWeights], widths: dict[int, int], config: FusionConfig) -> dict[int, ReducedMLPs]:
+    """Reduce every selected MLP; layers of the same (p, d, k) shape go through one batched call."""
+    groups: dict[tuple, list[int]] = defaultdict(list)
+    for i, w in weights.items():
+        groups[(tuple(w.w1.shape), widths[i])].append(i)
+    method = METHODS[config.method]
+    device = resolve_device(config.device)
+    out: dict[int, ReducedMLPs] = {}
+    for (_, k), idx in sorted(groups.items()):
+        w1 = torch.stack([weights[i].w1.detach().float() for i in idx])
+        b1 = torch.stack([weights[i].b1.detach().float() for i in idx])
+        w2 = torch.stack([weights[i].w2.detach().float() for i in idx])
+        red = method(w1, b1, w2, k, seed=config.seed, device=device, kmeans_options=config.kmeans_options(), **config.extra)
+        if config.fold_scale:
+            red = fold_counts(red)
+        for j, i in enumerate(idx):
+            out[i] = ReducedMLPs(
+                red.w1[j],
+                red.b1[j],
+                red.w2[j],
+                None if red.counts is None else red.counts[j],
+                None if red.inertia is None else red.inertia[j],
+                None if red.labels is None else red.labels[j],
+            )
+    return out
+
+
+def fuse(model: PreTrainedModel, config: FusionConfig | None = None, *, source: str | None = None,
+         progress: Progress | None = None) -> PreTrainedModel:
+    """Return a fused copy of `model` (the input is left untouched).
+
+    `source` is recorded in the metadata as the source model (defaults to the model's name_or_path).
+    """
+    config = config or FusionConfig()
+    say = progress or (lambda msg: None)
+    adapter = get_adapter(getattr(model.config, "model_type", None))
+    stock_head = type(model).__name__
+    head_name(adapter, [stock_head])  # raises with the list of supported heads
+    num_layers = adapter.num_layers(model.config)
+    layers = config.resolve_layers(num_layers)
+    blocks = adapter.blocks(model)
+    widths_before = [adapter.read(b).width for b in blocks]
+    weights = {i: adapter.read(blocks[i]) for i in layers}
+    new_width = {i: config.width_for(weights[i].width) for i in layers}
+
+    say(f"clustering {len(layers)} layer(s) with {config.method}")
+    t0 = time.perf_counter()
+    reduced = reduce_layers(weights, new_width, config)
+    cluster_seconds = time.perf_counter() - t0
+
+    widths_after = [new_width.get(i, w) for i, w in enumerate(widths_before)]
+    count_layers = [i for i in layers if reduced[i].counts is not None]
+    stock = not count_layers and len(set(widths_after)) == 1
+    meta = {
+        "method": config.method,
+        "ratio": config.ratio,
+        "intermediate_size": config.intermediate_size,
+        "layers": layers,
+        "seed": config.seed,
+        "fold_scale": config.fold_scale,
+        "kmeans": config.kmeans_options(),
+        "source_model": source if source is not None else str(getattr(model.config, "_name_or_path", "") or ""),
+        "library_version": __version__,
+        "widths_before": widths_before,
+        "widths_after": widths_after,
+        "num_parameters_before": count_parameters(model),
+        "inertia": [None if reduced[i].inertia is None else float(reduced[i].inertia) for i in layers],
+    }
+    if config.extra:
+        meta["options"] = {k: v for k, v in config.extra.items() if isinstance(v, (int, float, str, bool))}
+
+    say("building the fused model")
+    base = model.config.to_dict()
+    for key in ("model_type", "architectures", "auto_map", "transformers_version", "_name_or_path",
+                "intermediate_sizes", "count_layers", "mlpfusion"):
+        base.pop(key, None)
+    base.update(adapter.stock_width_update(max(widths_after)))
+    if stock:
+        new_config = type(model.config)(**base)
+        cls = type(model)
+    else:
+        cfg_cls = modeling.config_class(adapter.fused_model_type)
+        new_config = cfg_cls(**base, intermediate_sizes=widths_after, count_layers=count_layers)
+        cls = modeling.model_class(adapter.fused_model_type, adapter.fused_class_name(stock_head))
+    new_config.mlpfusion = meta
+
+    state = _fused_state_dict(model, adapter, blocks, reduced)
+    with torch.device("meta"):
+        fused = cls(new_config)
+    result = fused.load_state_dict(state, strict=False, assign=True)
+    if result.unexpected_keys or result.missing_keys:
+        raise UnsupportedArchitectureError(
+            f"internal mismatch while building {cls.__name__}: missing {result.missing_keys[:5]}, "
+            f"unexpected {result.unexpected_keys[:5]}; please report this with the model's config.json"
+        )
+    _copy_non_persistent_buffers(model, fused)
+    fused.tie_weights()
+    _check_materialised(fused)
+    if getattr(model, "generation_config", None) is not None and getattr(fused, "generation_config", None) is not None:
+        fused.generation_config = copy.deepcopy(model.generation_config)
+    fused.train(model.training)
+    meta["num_parameters_after"] = count_parameters(fused)
+    fused.config.mlpfusion = meta
+    fused._mlpfusion_cluster_seconds = cluster_seconds
+    return fused
+
+
+def _fused_state_dict(model, adapter, blocks, reduced: dict[int, ReducedMLPs]) -> dict[str, torch.Tensor]:
+    names = _qualified_names(model)
+    replaced: dict[str, torch.Tensor] = {}
+    for i, red in reduced.items():
+        fc1, fc2 = adapter.mlp_modules(blocks[i])
+        dtype, dev = fc1.weight.dtype, fc1.weight.device
+        b2 = fc2.bias.detach() if fc2.bias is not None else None
+        w = MLPWeights(red.w1.to(dev, dtype), red.b1.to(dev, dtype), red.w2.to(dev, dtype), b2)
+        t1, tb1, t2, tb2 = adapter.tensors(w)
+        n1, n2 = names[id(fc1)], names[id(fc2)]
+        replaced[f"{n1}.weight"] = t1.contiguous()
+        replaced[f"{n1}.bias"] = tb1.contiguous()
+        replaced[f"{n2}.weight"] = t2.contiguous()
+        if tb2 is not None:
+            replaced[f"{n2}.bias"] = tb2.clone()
+        if red.counts is not None:
+            replaced[f"{n2}.counts"] = red.counts.to(dev, dtype).contiguous()
+    state = {}
+    for key, value in model.state_dict().items():
+        state[key] = replaced[key] if key in replaced else value.detach().clone()
+    for key, value in replaced.items():
+        state.setdefault(key, value)
+    return state
+
+
+def _copy_non_persistent_buffers(src: torch.nn.Module, dst: torch.nn.Module) -> None:
+    dst_modules = dict(dst.named_modules())
+    for name, buf in src.named_buffers():
+        mod_name, _, leaf = name.rpartition(".")
+        target = dst_modules.get(mod_name)
+        if target is not None and leaf in target._buffers and target._buffers[leaf].is_meta:
+            target._buffers[leaf] = buf.detach().clone()
+
+
+def _check_materialised(model: torch.nn.Module) -> None:
+    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if left:
+        raise UnsupportedArchitectureError(
+            f"internal error: {len(left)} tensors were not filled ({left[:3]}); please report this"
+        )
