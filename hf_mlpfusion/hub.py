@@ -297,7 +297,10 @@ def push_folder(folder: str | os.PathLike, repo_id: str, *, token: str | None = 
         return HubNetworkError(f"cannot reach the Hub at {endpoint} after {retries + 1} attempts "
                                f"({_first_line(exc)}); {retry_hint}")
 
-    user = check_write_access(repo_id, token=token, endpoint=endpoint, retries=retries, backoff=backoff)
+    try:
+        user = check_write_access(repo_id, token=token, endpoint=endpoint, retries=retries, backoff=backoff)
+    except HubNetworkError as err:
+        raise fail(err.__cause__ or err) from err.__cause__
     full_id = repo_id if "/" in repo_id else f"{user}/{repo_id}"
     api = _api(endpoint, resolve_token(token))
 

@@ -112,6 +112,7 @@ class HubState:
         self.lock = threading.RLock()
         self.requests: list[tuple[str, str]] = []  # (method, path) log, handy in tests
         self.discussion_counter: dict[str, int] = {}
+        self.fail_next = 0  # answer the next N requests with 503 (to test client retries)
 
     # -- git-ish helpers -------------------------------------------------------------------------
     def make_commit(self, repo: Repo, parent: str | None, files: dict[str, FileEntry], title: str, message: str,
@@ -249,6 +250,9 @@ class Handler(BaseHTTPRequestHandler):
             self.state.requests.append((self.command, split.path))
         try:
             with self.state.lock:
+                if self.state.fail_next > 0:
+                    self.state.fail_next -= 1
+                    raise HubError(503, "Service temporarily unavailable")
                 self._route(segments, query)
         except HubError as err:
             self._error(err)
