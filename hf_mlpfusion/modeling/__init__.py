@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 
 import transformers
+from transformers.models.auto.tokenization_auto import TOKENIZER_MAPPING
 
 HERE = Path(__file__).resolve().parent
 
@@ -69,3 +70,10 @@ def register() -> None:
         mod = _module(mod_name)
         for auto_name, cls_name in mod.AUTO_MAP.items():
             getattr(transformers, auto_name).register(cfg_cls, getattr(mod, cls_name), exist_ok=True)
+        # The fused family tokenises like its stock parent (BertConfig -> BertTokenizer, ...).
+        stock_cfg = cfg_cls.__mro__[1]
+        try:
+            tokenizer = TOKENIZER_MAPPING[stock_cfg]
+        except KeyError:  # pragma: no cover - every supported family has one
+            continue
+        transformers.AutoTokenizer.register(cfg_cls, tokenizer_class=tokenizer, exist_ok=True)
