@@ -26,6 +26,9 @@ def compress(
     method: Annotated[str, typer.Option("--method", help="fusion (the paper's; default) or a baseline.")] = "fusion",
     n_init: Annotated[Optional[int], typer.Option("--n-init", help="k-means restarts (default: the library's).", show_default=False)] = None,
     max_iter: Annotated[Optional[int], typer.Option("--max-iter", help="k-means Lloyd iterations (default: the library's).", show_default=False)] = None,
+    calibration: Annotated[Optional[str], typer.Option("--calibration", help="Refit each fused layer's output projection by least squares on this text file (one sample per line), or 'builtin'.", show_default=False)] = None,
+    distill_steps: Annotated[int, typer.Option("--distill-steps", help="Layer-wise distillation steps towards the original MLPs after fusion (0 = off).")] = 0,
+    calibration_samples: Annotated[int, typer.Option("--calibration-samples", help="How many calibration samples to use.")] = 256,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the output folder if it exists.")] = False,
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Accept a checkpoint that only has pickled (.bin) weights. Only for sources you trust.")] = False,
     revision: Annotated[Optional[str], typer.Option("--revision", help="Revision of the source model on the Hub.", show_default=False)] = None,
@@ -49,7 +52,9 @@ def compress(
 
     with err_console.status("starting") as status:
         result = run_compress(model, config, output, overwrite=overwrite, allow_pickle=allow_pickle,
-                              revision=revision, token=token, progress=lambda msg: status.update(msg))
+                              revision=revision, token=token, progress=lambda msg: status.update(msg),
+                              calibration=calibration, distill_steps=distill_steps,
+                              calibration_samples=calibration_samples)
     print_summary(result)
 
     if push_to_hub:

@@ -198,6 +198,26 @@ def load_model(folder: Path, *, allow_pickle: bool = False):
     return model, adapter, head
 
 
+def _calibrate(model, fused, source_dir, calibration, distill_steps, samples, seed, say) -> None:
+    from transformers import AutoTokenizer
+
+    from .calibrate import calibrate
+    from .data import load_texts
+
+    path = None if calibration in (None, "builtin") else Path(calibration)
+    if path is not None and not path.is_file():
+        raise InvalidConfigError(f"calibration file {path} not found: give a text file (one sample per line) or 'builtin'")
+    texts = load_texts(path, split="calibration", limit=samples)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(source_dir))
+    except Exception as err:
+        raise InvalidConfigError(f"calibration needs the model's tokenizer, which could not be loaded: {err}") from None
+    say(f"calibrating on {len(texts)} samples")
+    summary = calibrate(model, fused, texts, tokenizer, refit=calibration is not None, distill_steps=distill_steps,
+                        seed=seed, progress=say)
+    fused.config.mlpfusion["calibration"] = summary
+
+
 def _prepare_output(output: Path, overwrite: bool) -> None:
     if output.exists() and not overwrite:
         raise OutputExistsError(f"{output} already exists: choose another --output or pass --overwrite")
@@ -255,8 +275,15 @@ def atomic_save(write: Callable[[Path], None], output: Path, *, overwrite: bool)
 
 def compress(model_id: str | None = None, config: FusionConfig | None = None, output: str | Path | None = None, *,
              overwrite: bool = False, allow_pickle: bool = False, revision: str | None = None,
-             token: str | None = None, progress: Callable[[str], None] | None = None) -> CompressResult:
-    """Fuse a checkpoint (folder or Hub id; None = the built-in MiniLM) and save it to `output`."""
+             token: str | None = None, progress: Callable[[str], None] | None = None,
+             calibration: str | Path | None = None, distill_steps: int = 0,
+             calibration_samples: int = 256) -> CompressResult:
+    """Fuse a checkpoint (folder or Hub id; None = the built-in MiniLM) and save it to `output`.
+
+    `calibration` (a text file, or "builtin" for the built-in English text) turns on the
+    least-squares refit of each fused layer's output projection; `distill_steps` > 0 adds a short
+    layer-wise distillation towards the original MLPs (count vectors stay frozen).
+    """
     config = config or FusionConfig()
     say = progress or (lambda msg: None)
     output = Path(output) if output is not None else default_output(model_id, config)
@@ -274,6 +301,11 @@ def compress(model_id: str | None = None, config: FusionConfig | None = None, ou
     source = model_id if model_id is not None else f"sentence-transformers/{DEFAULT_MODEL_NAME}"
     fused = fuse(model, config, source=str(source), progress=say)
     seconds["fuse"] = time.perf_counter() - t0
+
+    if calibration is not None or distill_steps:
+        t0 = time.perf_counter()
+        _calibrate(model, fused, source_dir, calibration, distill_steps, calibration_samples, config.seed, say)
+        seconds["calibrate"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     say(f"saving to {output}")
