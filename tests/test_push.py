@@ -323,3 +323,40 @@ def test_from_pretrained_through_hf_endpoint_matches_local(hub, hub_env, tiny_ch
     assert data.base_model == "sentence-transformers/all-MiniLM-L6-v2"
     assert data.library_name == "transformers" and "mlp-fusion" in data.tags
     assert Path(card).read_bytes() == (tiny_checkpoint / "README.md").read_bytes()  # what is pushed is what was saved
+
+
+# -- CI recipe and Dockerfile (no Docker engine or GitHub runner here: check what can be checked) ---
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_ci_recipe_is_a_models_x_ratios_matrix_that_publishes_with_the_secret():
+    import yaml
+
+    workflow = yaml.safe_load((ROOT / "examples/github-actions/publish.yml").read_text())
+    job = workflow["jobs"]["publish"]
+    matrix = job["strategy"]["matrix"]
+    assert "include" not in matrix  # include entries would overwrite each other's added keys
+    assert len(matrix["model"]) >= 2 and len(matrix["ratio"]) >= 2
+    assert all({"id", "name", "layers"} <= set(m) for m in matrix["model"])
+    assert job["env"]["HF_TOKEN"] == "${{ secrets.HF_TOKEN }}"
+    run = "\n".join(step.get("run", "") for step in job["steps"])
+    assert "mlpfusion compress" in run and "--push-to-hub" in run and '"$REPO_ID"' in run
+
+
+def test_dockerfile_copies_what_the_package_needs_and_runs_mlpfusion():
+    lines = [line.strip() for line in (ROOT / "Dockerfile").read_text().splitlines()]
+    assert lines[next(i for i, l in enumerate(lines) if l.startswith("FROM"))].split()[1].startswith("pytorch/pytorch:")
+    assert "cuda" in next(l for l in lines if l.startswith("FROM"))
+    assert 'ENTRYPOINT ["mlpfusion"]' in lines
+    assert not any("HF_TOKEN=" in l for l in lines if l.startswith(("ENV", "ARG")))  # never baked in
+    copied = [src for l in lines if l.startswith("COPY") for src in l.split()[1:-1]]
+    ignore = (ROOT / ".dockerignore").read_text().splitlines()
+    for src in copied:
+        assert f"!{src}" in ignore or f"!{src}/" in ignore, f"{src} is COPY'd but excluded by .dockerignore"
+        if src != "README.md":  # the README is the lead's; pyproject needs it at build time
+            assert (ROOT / src).exists(), src
+    import tomllib
+
+    packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
+    assert set(packages.values()) <= set(copied)  # cli/ and model_cards/ are mapped into the package
