@@ -10,6 +10,7 @@ Pure tensors in and out: this module never imports transformers.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -47,7 +48,8 @@ def cluster_sizes(labels: torch.Tensor, k: int) -> torch.Tensor:
     return counts
 
 
-def fuse_mlps(w1, b1, w2, k: int, *, seed: int = 0, device="auto", kmeans_options: dict | None = None) -> ReducedMLPs:
+def fuse_mlps(w1, b1, w2, k: int, *, seed: int = 0, device="auto", kmeans_options: dict | None = None,
+              **extra) -> ReducedMLPs:
     """The paper's MLP fusion: k-means on the sub-MLP vectors of every layer in one batched call."""
     d = w1.shape[-1]
     z = sub_mlp_vectors(w1, b1, w2).float()
@@ -67,5 +69,57 @@ def fold_counts(mlps: ReducedMLPs) -> ReducedMLPs:
     return ReducedMLPs(mlps.w1, mlps.b1, w2, None, mlps.inertia, mlps.labels)
 
 
-# method name -> function(w1, b1, w2, k, *, seed, device, kmeans_options) -> ReducedMLPs
-METHODS: dict[str, Callable[..., ReducedMLPs]] = {"fusion": fuse_mlps}
+# --- the paper's baselines (same signature, same kind of result; counts=None: a plain MLP) ------
+
+
+def cluster_mlps(w1, b1, w2, k: int, *, seed: int = 0, device="auto", kmeans_options: dict | None = None,
+                 **extra) -> ReducedMLPs:
+    """The reference code's `cluster` baseline: the same k-means, with sqrt(n) folded into W1, b1 and W2.
+
+    W1' = sqrt(n) C_W1, b1' = sqrt(n) c_b1, W2' = sqrt(n) C_W2. Exact for ReLU (positively
+    homogeneous), not for GELU; no count vector is kept.
+    """
+    fused = fuse_mlps(w1, b1, w2, k, seed=seed, device=device, kmeans_options=kmeans_options)
+    s = fused.counts.sqrt().to(fused.w1.dtype)  # [B, k]
+    return ReducedMLPs(fused.w1 * s.unsqueeze(-1), fused.b1 * s, fused.w2 * s.unsqueeze(-2), None,
+                       fused.inertia, fused.labels)
+
+
+def neuron_scores(w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """Magnitude of each neuron's sub-MLP: ||W1[i, :]|| * ||W2[:, i]||, shape [B, p]."""
+    return w1.float().norm(dim=-1) * w2.float().norm(dim=-2)
+
+
+def prune_mlps(w1, b1, w2, k: int, *, seed: int = 0, device="auto", kmeans_options: dict | None = None,
+               **extra) -> ReducedMLPs:
+    """Magnitude pruning: keep the k neurons with the largest ||W1[i]|| * ||W2[:, i]|| (kept in order)."""
+    scores = neuron_scores(w1, w2)
+    # stable: ties broken by the lower index, so the result does not depend on the sort's backend
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[:, :k]
+    keep = torch.sort(order, dim=-1).values  # [B, k], original neuron order
+    nw1 = torch.gather(w1, 1, keep.unsqueeze(-1).expand(-1, -1, w1.shape[-1]))
+    nb1 = torch.gather(b1, 1, keep)
+    nw2 = torch.gather(w2, 2, keep.unsqueeze(1).expand(-1, w2.shape[1], -1))
+    return ReducedMLPs(nw1.contiguous(), nb1.contiguous(), nw2.contiguous(), None)
+
+
+def sketch_mlps(w1, b1, w2, k: int, *, seed: int = 0, device="auto", kmeans_options: dict | None = None,
+                **extra) -> ReducedMLPs:
+    """Gaussian sketch: S [p, k] with N(0, 1/k) entries (one per layer, seeded);
+    W1' = S^T W1, b1' = S^T b1, W2' = W2 S. E[S S^T] = I, so the linearised MLP is kept on average."""
+    B, p, _ = w1.shape
+    gen = torch.Generator().manual_seed(int(seed))
+    S = (torch.randn(B, p, k, generator=gen, dtype=torch.float64) / math.sqrt(k)).to(w1.device)
+    nw1 = (S.transpose(-1, -2) @ w1.double()).to(w1.dtype)
+    nb1 = (S.transpose(-1, -2) @ b1.double().unsqueeze(-1)).squeeze(-1).to(b1.dtype)
+    nw2 = (w2.double() @ S).to(w2.dtype)
+    return ReducedMLPs(nw1, nb1, nw2, None)
+
+
+# method name -> function(w1, b1, w2, k, *, seed, device, kmeans_options, **extra) -> ReducedMLPs
+METHODS: dict[str, Callable[..., ReducedMLPs]] = {
+    "fusion": fuse_mlps,
+    "cluster": cluster_mlps,
+    "prune": prune_mlps,
+    "sketch": sketch_mlps,
+}
