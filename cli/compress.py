@@ -54,7 +54,7 @@ def compress(
         result = run_compress(model, config, output, overwrite=overwrite, allow_pickle=allow_pickle,
                               revision=revision, token=token, progress=lambda msg: status.update(msg),
                               calibration=calibration, distill_steps=distill_steps,
-                              calibration_samples=calibration_samples)
+                              calibration_samples=calibration_samples, repo_id=push_to_hub)
     print_summary(result)
 
     if push_to_hub:
@@ -63,7 +63,7 @@ def compress(
         with err_console.status(f"pushing {result.output} to {push_to_hub}"):
             pushed = hub.push_folder(result.output, push_to_hub, token=token, private=private, create_pr=create_pr,
                                      commit_message=commit_message, endpoint=endpoint, revision=None)
-        console.print(pushed.url if pushed.changed else f"no changes; already up to date: {pushed.url}")
+        typer.echo(hub.describe(pushed))
 
 
 def print_summary(result) -> None:

@@ -239,7 +239,7 @@ def copy_processor_files(source: Path, target: Path) -> list[str]:
     return copied
 
 
-def save_fused(model, folder: Path, *, source_dir: Path | None = None) -> None:
+def save_fused(model, folder: Path, *, source_dir: Path | None = None, repo_id: str | None = None) -> None:
     """save_pretrained (safetensors) + the remote code of custom classes + processor files + card."""
     model.save_pretrained(str(folder), safe_serialization=True)
     model_type = model.config.model_type
@@ -251,7 +251,7 @@ def save_fused(model, folder: Path, *, source_dir: Path | None = None) -> None:
         from .hub import write_model_card
     except ImportError:  # publishing extras not available: the checkpoint is still complete
         return
-    write_model_card(folder, source_dir=source_dir)
+    write_model_card(folder, source_dir=source_dir, repo_id=repo_id)
 
 
 def atomic_save(write: Callable[[Path], None], output: Path, *, overwrite: bool) -> None:
@@ -277,12 +277,13 @@ def compress(model_id: str | None = None, config: FusionConfig | None = None, ou
              overwrite: bool = False, allow_pickle: bool = False, revision: str | None = None,
              token: str | None = None, progress: Callable[[str], None] | None = None,
              calibration: str | Path | None = None, distill_steps: int = 0,
-             calibration_samples: int = 256) -> CompressResult:
+             calibration_samples: int = 256, repo_id: str | None = None) -> CompressResult:
     """Fuse a checkpoint (folder or Hub id; None = the built-in MiniLM) and save it to `output`.
 
     `calibration` (a text file, or "builtin" for the built-in English text) turns on the
     least-squares refit of each fused layer's output projection; `distill_steps` > 0 adds a short
     layer-wise distillation towards the original MLPs (count vectors stay frozen).
+    `repo_id` is the Hub repo the result is meant for (used in the model card's loading snippets).
     """
     config = config or FusionConfig()
     say = progress or (lambda msg: None)
@@ -309,7 +310,7 @@ def compress(model_id: str | None = None, config: FusionConfig | None = None, ou
 
     t0 = time.perf_counter()
     say(f"saving to {output}")
-    atomic_save(lambda tmp: save_fused(fused, tmp, source_dir=source_dir), output, overwrite=overwrite)
+    atomic_save(lambda tmp: save_fused(fused, tmp, source_dir=source_dir, repo_id=repo_id), output, overwrite=overwrite)
     seconds["save"] = time.perf_counter() - t0
 
     meta = fused.config.mlpfusion
