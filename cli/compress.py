@@ -23,7 +23,7 @@ def compress(
     seed: Annotated[int, typer.Option("--seed", help="k-means seed (same input and seed give the same bytes).")] = 0,
     device: Annotated[str, typer.Option("--device", help="Where to cluster: auto (CUDA if available), cpu, cuda, cuda:N.")] = "auto",
     fold_scale: Annotated[bool, typer.Option("--fold-scale", help="Fold the frozen count vector into W2 (inference-only; a stock checkpoint when every layer has one width).")] = False,
-    method: Annotated[str, typer.Option("--method", help="fusion (the paper's; default) or a baseline.")] = "fusion",
+    method: Annotated[str, typer.Option("--method", help="fusion (the paper's, default), or a baseline: cluster, prune, sketch.")] = "fusion",
     n_init: Annotated[Optional[int], typer.Option("--n-init", help="k-means restarts (default: the library's).", show_default=False)] = None,
     max_iter: Annotated[Optional[int], typer.Option("--max-iter", help="k-means Lloyd iterations (default: the library's).", show_default=False)] = None,
     calibration: Annotated[Optional[str], typer.Option("--calibration", help="Refit each fused layer's output projection by least squares on this text file (one sample per line), or 'builtin'.", show_default=False)] = None,

@@ -106,7 +106,7 @@ def fuse(model: PreTrainedModel, config: FusionConfig | None = None, *, source: 
         "layers": layers,
         "seed": config.seed,
         "fold_scale": config.fold_scale,
-        "kmeans": config.kmeans_options(),
+        "kmeans": _resolved_kmeans_options(config) if config.method == "fusion" else None,
         "source_model": source if source is not None else str(getattr(model.config, "_name_or_path", "") or ""),
         "library_version": __version__,
         "widths_before": widths_before,
@@ -151,6 +151,18 @@ def fuse(model: PreTrainedModel, config: FusionConfig | None = None, *, source: 
     fused.config.mlpfusion = meta
     fused._mlpfusion_cluster_seconds = cluster_seconds
     return fused
+
+
+def _resolved_kmeans_options(config: FusionConfig) -> dict:
+    from . import kmeans as km
+
+    opts = config.kmeans_options()
+    return {
+        "n_init": opts["n_init"] if opts["n_init"] is not None else km.DEFAULT_N_INIT,
+        "max_iter": opts["max_iter"] if opts["max_iter"] is not None else km.DEFAULT_MAX_ITER,
+        "tol": opts["tol"] if opts["tol"] is not None else km.DEFAULT_TOL,
+        "refine": "hartigan",
+    }
 
 
 def _fused_state_dict(model, adapter, blocks, reduced: dict[int, ReducedMLPs]) -> dict[str, torch.Tensor]:
