@@ -1,0 +1,340 @@
+"""Fidelity of a fused model to its original: what the compression cost, in numbers.
+
+`evaluate(original, fused, texts, tokenizer)` (models in memory or checkpoint folders) measures on
+the same texts:
+
+- relative error of the last hidden states, ||H' - H||_F / ||H||_F over the non-padding tokens;
+- for encoders (BERT, RoBERTa): cosine of mean-pooled, normalised embeddings (mean and minimum);
+- perplexity before/after (causal LMs: GPT-2, and BERT/RoBERTa causal-LM heads) and masked-LM loss
+  before/after (masked-LM heads; 15% of tokens masked, seeded, the same for both models);
+- the paper's Adam-NTK error per fused layer: per-example gradients G of a scalar output (the
+  pooled last hidden state projected on a fixed random unit vector) with respect to the layer's MLP
+  parameters (counts excluded: they are frozen); K = G sign(G)^T; error ||K' - K||_F / ||K||_F;
+- parameters before/after and the CPU latency ratio (median of repeated forward passes).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .architectures import get_adapter
+from .calibrate import adapter_for, batches, fused_layers, max_tokens, prepare_tokenizer
+from .errors import CorruptCheckpointError, InvalidConfigError, ModelNotFoundError
+from .fuse import count_parameters
+
+CAUSAL_HEADS = ("LMHeadModel", "ForCausalLM", "DoubleHeadsModel")
+MASKED_HEADS = ("ForMaskedLM", "ForPreTraining")
+MASK_FRACTION = 0.15
+
+
+@dataclass
+class EvaluationReport:
+    original: str
+    fused: str
+    samples: int
+    tokens: int
+    hidden_relative_error: float
+    cosine_mean: float | None = None
+    cosine_min: float | None = None
+    perplexity_before: float | None = None
+    perplexity_after: float | None = None
+    mlm_loss_before: float | None = None
+    mlm_loss_after: float | None = None
+    ntk_examples: int = 0
+    ntk_error: dict[int, float] = field(default_factory=dict)  # fused layer -> relative Adam-NTK error
+    parameters_before: int = 0
+    parameters_after: int = 0
+    latency_before_ms: float | None = None
+    latency_after_ms: float | None = None
+
+    @property
+    def parameter_ratio(self) -> float:
+        return self.parameters_after / self.parameters_before if self.parameters_before else float("nan")
+
+    @property
+    def latency_ratio(self) -> float | None:
+        if not self.latency_before_ms or self.latency_after_ms is None:
+            return None
+        return self.latency_after_ms / self.latency_before_ms
+
+    @property
+    def ntk_error_mean(self) -> float | None:
+        return statistics.fmean(self.ntk_error.values()) if self.ntk_error else None
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["ntk_error"] = {str(k): v for k, v in self.ntk_error.items()}
+        d["ntk_error_mean"] = self.ntk_error_mean
+        d["parameter_ratio"] = self.parameter_ratio
+        d["latency_ratio"] = self.latency_ratio
+        return _finite(d)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, allow_nan=False)
+
+
+def _finite(x):
+    """JSON has no NaN/inf: they become null."""
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
+# --- loading ------------------------------------------------------------------------------------
+
+
+def load_any(folder: str | Path):
+    """Load a stock or fused checkpoint folder with its own head class (fused types need no remote code)."""
+    import transformers
+
+    from . import modeling
+    from .compress import check_weights
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ModelNotFoundError(f"no such folder: {folder}")
+    check_weights(folder)
+    try:
+        cfg = json.loads((folder / "config.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CorruptCheckpointError(f"{folder / 'config.json'} is not valid JSON ({err})") from None
+    model_type = cfg.get("model_type", "")
+    adapter = get_adapter(str(model_type).removeprefix("mlpfusion_"))
+    arch = (cfg.get("architectures") or [None])[0]
+    if model_type in modeling.FAMILIES:
+        cls = modeling.model_class(model_type, arch or "MLPFusion" + adapter.base_class)
+    else:
+        cls = getattr(transformers, arch or adapter.base_class)
+    try:
+        model = cls.from_pretrained(str(folder))
+    except Exception as err:
+        raise CorruptCheckpointError(f"could not load {folder}: {str(err).splitlines()[0][:200]}") from None
+    return model.eval()
+
+
+def load_tokenizer(*folders):
+    from transformers import AutoTokenizer
+
+    for folder in folders:
+        if folder is None:
+            continue
+        try:
+            return AutoTokenizer.from_pretrained(str(folder))
+        except Exception:
+            continue
+    raise InvalidConfigError("no tokenizer found next to either model: pass one (or copy the tokenizer files)")
+
+
+# --- metrics ------------------------------------------------------------------------------------
+
+
+def _is_encoder(model) -> bool:
+    return adapter_for(model).family in ("bert", "roberta")
+
+
+def _head_kind(model) -> str | None:
+    name = type(model).__name__
+    if name.endswith(CAUSAL_HEADS):
+        return "causal"
+    if name.endswith(MASKED_HEADS):
+        return "masked"
+    if adapter_for(model).family == "gpt2":
+        return "causal-tied"  # a GPT-2 body without its head: logits through the tied input embedding
+    return None
+
+
+def _logits(model, kind: str, batch: dict) -> torch.Tensor:
+    if kind == "causal-tied":
+        h = model.base_model(**batch).last_hidden_state
+        return h @ model.base_model.get_input_embeddings().weight.T
+    out = model(**batch)
+    logits = getattr(out, "logits", None)
+    return logits if logits is not None else out.prediction_logits
+
+
+def _mask_batch(batch: dict, tokenizer, gen: torch.Generator) -> tuple[dict, torch.Tensor]:
+    ids = batch["input_ids"].clone()
+    special = torch.zeros_like(ids, dtype=torch.bool)
+    for tid in getattr(tokenizer, "all_special_ids", []) or []:
+        if tid != tokenizer.unk_token_id:  # unknown words are text: they may be masked
+            special |= ids == tid
+    candidates = batch["attention_mask"].bool() & ~special
+    pick = (torch.rand(ids.shape, generator=gen) < MASK_FRACTION) & candidates
+    labels = torch.where(pick, ids, torch.full_like(ids, -100))
+    mask_id = tokenizer.mask_token_id if tokenizer.mask_token_id is not None else tokenizer.unk_token_id
+    ids[pick] = mask_id
+    return {**batch, "input_ids": ids}, labels
+
+
+@torch.no_grad()
+def _lm_loss(model, kind, encoded, masked) -> float:
+    total, count = 0.0, 0
+    for i, batch in enumerate(encoded):
+        if kind == "masked":
+            inp, labels = masked[i]
+            logits = _logits(model, kind, inp)
+        else:
+            logits = _logits(model, kind, batch)[:, :-1]
+            labels = batch["input_ids"][:, 1:].masked_fill(batch["attention_mask"][:, 1:] == 0, -100)
+        loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
+                                           ignore_index=-100, reduction="sum")
+        total += float(loss)
+        count += int((labels != -100).sum())
+    return total / count if count else float("nan")
+
+
+@torch.no_grad()
+def _hidden_and_pooled(model, encoded):
+    hs, pooled = [], []
+    for batch in encoded:
+        h = model.base_model(**batch).last_hidden_state.float()
+        m = batch["attention_mask"].unsqueeze(-1).float()
+        hs.append(h[batch["attention_mask"].bool()])
+        pooled.append(nn.functional.normalize((h * m).sum(1) / m.sum(1).clamp_min(1), dim=-1))
+    return torch.cat(hs), torch.cat(pooled)
+
+
+def _mlp_params(model, layers: list[int]) -> dict[int, list[torch.Tensor]]:
+    adapter = adapter_for(model)
+    blocks = adapter.blocks(model)
+    out = {}
+    for i in layers:
+        fc1, fc2 = adapter.mlp_modules(blocks[i])
+        out[i] = [p for mod in (fc1, fc2) for p in mod.parameters(recurse=False)]  # counts are buffers
+    return out
+
+
+def ntk_gradients(model, layers: list[int], examples: list[dict], direction: torch.Tensor) -> dict[int, torch.Tensor]:
+    """Per-example gradients G [n_examples, n_params] of the scalar <direction, pooled output> with
+    respect to each listed layer's MLP parameters."""
+    params = _mlp_params(model, layers)
+    flat = [p for i in layers for p in params[i]]
+    rows: dict[int, list[torch.Tensor]] = {i: [] for i in layers}
+    flags = [p.requires_grad for p in flat]
+    try:
+        for p in flat:
+            p.requires_grad_(True)
+        with torch.enable_grad():
+            for ex in examples:
+                h = model.base_model(**ex).last_hidden_state
+                m = ex["attention_mask"].unsqueeze(-1).to(h.dtype)
+                pooled = (h * m).sum(1) / m.sum(1)
+                scalar = (pooled.float() @ direction).sum()
+                grads = torch.autograd.grad(scalar, flat, allow_unused=True)
+                at = 0
+                for i in layers:
+                    n = len(params[i])
+                    g = [torch.zeros_like(p) if gr is None else gr for p, gr in zip(params[i], grads[at : at + n])]
+                    rows[i].append(torch.cat([x.reshape(-1) for x in g]).double())
+                    at += n
+    finally:
+        for p, f in zip(flat, flags):
+            p.requires_grad_(f)
+    return {i: torch.stack(r) for i, r in rows.items()}
+
+
+def adam_ntk(G: torch.Tensor) -> torch.Tensor:
+    """The sign-based (Adam) NTK of per-example gradients: K = G sign(G)^T."""
+    return G @ torch.sign(G).T
+
+
+def ntk_errors(original, fused, examples: list[dict], layers: list[int], *, seed: int = 0) -> dict[int, float]:
+    """Relative Adam-NTK error ||K_fused - K_orig||_F / ||K_orig||_F for each fused layer."""
+    d = adapter_for(original).hidden_size(original.config)
+    direction = torch.randn(d, generator=torch.Generator().manual_seed(int(seed)))
+    direction = direction / direction.norm()
+    go = ntk_gradients(original, layers, examples, direction)
+    gf = ntk_gradients(fused, layers, examples, direction)
+    out = {}
+    for i in layers:
+        ko, kf = adam_ntk(go[i]), adam_ntk(gf[i])
+        out[i] = float((kf - ko).norm() / ko.norm().clamp_min(1e-300))
+    return out
+
+
+@torch.inference_mode()
+def latency_ms(model, batch: dict, repeats: int = 5) -> float:
+    model.base_model(**batch)  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        model.base_model(**batch)
+        times.append(time.perf_counter() - t0)
+    return 1000 * statistics.median(times)
+
+
+def evaluate(original, fused, texts: list[str] | None = None, tokenizer=None, *, samples: int | None = 256,
+             ntk_examples: int = 16, max_length: int = 128, batch_size: int = 16, latency_repeats: int = 5,
+             seed: int = 0, progress=None) -> EvaluationReport:
+    """Compare `fused` with `original` (models or checkpoint folders) on `texts` (None = the
+    built-in held-out English text). `ntk_examples=0` skips the NTK, `latency_repeats=0` the timing."""
+    from .data import load_texts
+
+    say = progress or (lambda msg: None)
+    names = [str(original) if isinstance(original, (str, Path)) else str(getattr(original.config, "_name_or_path", "") or "original"),
+             str(fused) if isinstance(fused, (str, Path)) else str(getattr(fused.config, "_name_or_path", "") or "fused")]
+    if tokenizer is None:
+        tokenizer = load_tokenizer(*(x for x in (fused, original) if isinstance(x, (str, Path))))
+    if isinstance(original, (str, Path)):
+        say(f"loading {original}")
+        original = load_any(original)
+    if isinstance(fused, (str, Path)):
+        say(f"loading {fused}")
+        fused = load_any(fused)
+    if adapter_for(original).family != adapter_for(fused).family:
+        raise InvalidConfigError("the two models are of different families: compare a fused model with its original")
+    texts = load_texts(None, split="heldout", limit=samples) if texts is None else list(texts)[:samples]
+    if not texts:
+        raise InvalidConfigError("no text to evaluate on")
+    tokenizer = prepare_tokenizer(tokenizer)
+    was = (original.training, fused.training)
+    original.eval()
+    fused.eval()
+    try:
+        encoded = list(batches(texts, tokenizer, max_length=max_length, batch_size=batch_size,
+                               model=original if max_tokens(original) < max_tokens(fused) else fused))
+        say("comparing hidden states")
+        ho, po = _hidden_and_pooled(original, encoded)
+        hf, pf = _hidden_and_pooled(fused, encoded)
+        report = EvaluationReport(
+            original=names[0], fused=names[1], samples=len(texts), tokens=int(ho.shape[0]),
+            hidden_relative_error=float((hf.double() - ho.double()).norm() / ho.double().norm().clamp_min(1e-300)),
+            parameters_before=count_parameters(original), parameters_after=count_parameters(fused),
+        )
+        if _is_encoder(original):
+            cos = (po * pf).sum(-1).clamp(-1, 1)
+            report.cosine_mean, report.cosine_min = float(cos.mean()), float(cos.min())
+        kind_o, kind_f = _head_kind(original), _head_kind(fused)
+        if kind_o is not None and kind_o == kind_f:
+            say("language-model loss")
+            gen = torch.Generator().manual_seed(int(seed))
+            masked = [_mask_batch(b, tokenizer, gen) for b in encoded] if kind_o == "masked" else None
+            before, after = _lm_loss(original, kind_o, encoded, masked), _lm_loss(fused, kind_f, encoded, masked)
+            if kind_o == "masked":
+                report.mlm_loss_before, report.mlm_loss_after = before, after
+            else:
+                report.perplexity_before, report.perplexity_after = math.exp(before), math.exp(after)
+        layers = fused_layers(original, fused)
+        if ntk_examples and layers:
+            say(f"Adam-NTK on {min(ntk_examples, len(texts))} examples")
+            examples = list(batches(texts[:ntk_examples], tokenizer, max_length=max_length, batch_size=1, model=fused))
+            report.ntk_examples = len(examples)
+            report.ntk_error = ntk_errors(original, fused, examples, layers, seed=seed)
+        if latency_repeats:
+            say("timing")
+            report.latency_before_ms = latency_ms(original, encoded[0], latency_repeats)
+            report.latency_after_ms = latency_ms(fused, encoded[0], latency_repeats)
+    finally:
+        original.train(was[0])
+        fused.train(was[1])
+    return report
