@@ -43,7 +43,6 @@ DEFAULT_MAX_ITER = 30
 DEFAULT_TOL = 1e-4
 #: Default working-memory budget per group of problems, on the CPU.
 DEFAULT_CPU_CHUNK_BYTES = 2 << 30
-_MAX_REFINE_SWEEPS = 100_000
 _EXACT_PASSES = 3
 
 
@@ -147,7 +146,9 @@ def kmeans(
     labels_out, centers_out, inertia_out = [], [], []
     n_iter_tot, n_moves_tot = 0, 0
     for s in range(0, B, group):
-        xg = xb[s:s + group].to(device=dev, dtype=torch.float32)
+        # centred data: the distance expansion |x|^2 - 2 x.c + |c|^2 loses less to cancellation
+        xo = xb[s:s + group].to(device=dev)
+        xg = (xo.double() - xo.double().mean(1, keepdim=True)).float()
         lab, cen, ine, it, mv = _solve_group(xg, xb[s:s + group], k, n_init, max_iter, tol,
                                              refine, u_first, u_trials, out_dtype, dev)
         labels_out.append(lab)
@@ -277,7 +278,9 @@ def _kmeanspp(x, xx, gram, k, R, u_first, u_trials):
 
 def _point_dist(xxp, gram, prob, idx):
     """Squared distances [P, L, n] from all points to points ``idx`` [P, L] of each run's problem."""
-    g = gram[prob[:, None], idx]  # [P, L, n]
+    G, n, _ = gram.shape
+    rows = (prob[:, None] * n + idx).reshape(-1)
+    g = gram.view(G * n, n).index_select(0, rows).view(idx.shape[0], idx.shape[1], n)
     d = xxp[:, None, :] + xxp.gather(1, idx)[:, :, None] - 2.0 * g
     return d.clamp_(min=0.0)
 
@@ -404,7 +407,7 @@ def _hartigan(D, cc, counts, labels, xx, gram, prob):
     pts = torch.arange(n, device=dev)
     total = 0
     active = runs_all
-    for _ in range(_MAX_REFINE_SWEEPS):
+    for _ in range(4 * n + 100):  # every sweep lowers the inertia; the cap only guards float noise
         Dq, cq, lq = D[active], counts[active], labels[active]
         cf = cq.to(D.dtype)
         w_in = Dq * (cf / (cf + 1.0))[:, None, :]
@@ -415,7 +418,9 @@ def _hartigan(D, cc, counts, labels, xx, gram, prob):
         da = Dq.gather(2, lq[:, :, None])[:, :, 0]
         out_cost = da * (na / (na - 1.0).clamp(min=1.0))
         gain = out_cost - in_cost
-        ok = (na > 1.5) & (gain > 1e-6 * out_cost.abs() + 1e-30)
+        # gains within float32 noise of the distance expansion do not count
+        noise = 1e-5 * (xx[active] + out_cost) + 1e-30
+        ok = (na > 1.5) & (gain > noise)
         if not bool(ok.any()):
             break
         gain = torch.where(ok, gain, torch.full_like(gain, -math.inf))
@@ -442,7 +447,8 @@ def _hartigan(D, cc, counts, labels, xx, gram, prob):
 
 def _apply_moves(D, cc, counts, labels, xx, gram, prob, run, p, a, b):
     """Move points p from cluster a to b in runs ``run`` (no cluster occurs twice per run)."""
-    gp = gram[prob[run], p]  # [M, n]: x_i . p
+    G, n, _ = gram.shape
+    gp = gram.view(G * n, n).index_select(0, prob[run] * n + p)  # [M, n]: x_i . p
     xxr = xx[run]  # [M, n]
     xp = xx[run, p][:, None]  # [M, 1]
     na = counts[run, a].to(D.dtype)[:, None]

@@ -1,0 +1,305 @@
+"""Tests for hf_mlpfusion.kmeans: correctness, edge cases, determinism, memory bound."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import hf_mlpfusion.kmeans as km
+from hf_mlpfusion.kmeans import KMeansResult, kmeans
+
+
+@pytest.fixture(autouse=True)
+def _seeded():
+    torch.manual_seed(0)  # the unseeded torch.randn data below is the same on every run
+
+
+def _inertia64(x, labels, centers):
+    x64 = x.double()
+    return ((x64 - centers.double()[labels]) ** 2).sum()
+
+
+def _blobs(n_per, k, dim, spread, noise, seed):
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(k, dim, generator=g) * spread
+    truth = torch.arange(k).repeat_interleave(n_per)
+    x = centres[truth] + noise * torch.randn(k * n_per, dim, generator=g)
+    perm = torch.randperm(k * n_per, generator=g)
+    return x[perm], truth[perm]
+
+
+# ------------------------------------------------------------------------------ against sklearn
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("n,dim,k", [(120, 8, 30), (200, 33, 50), (90, 5, 7)])
+def test_not_worse_than_sklearn(n, dim, k, seed):
+    sklearn = pytest.importorskip("sklearn.cluster")
+    g = torch.Generator().manual_seed(100 + seed)
+    x = torch.randn(n, dim, generator=g) * torch.rand(dim, generator=g)  # anisotropic
+    res = kmeans(x, k, seed=seed, n_init=10)  # same number of restarts as the reference
+    ref = sklearn.KMeans(n_clusters=k, n_init=10, algorithm="lloyd", random_state=seed)
+    ref.fit(x.double().numpy())
+    assert float(res.inertia) <= ref.inertia_ * (1 + 1e-6)
+
+
+def test_minilm_shaped_beats_sklearn_n_init_1():
+    sklearn = pytest.importorskip("sklearn.cluster")
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 256, 65, generator=g) * 0.05  # 4 points per centroid, like ratio 0.25
+    res = kmeans(x, 64)
+    for b in range(2):
+        ref = sklearn.KMeans(n_clusters=64, n_init=1, algorithm="lloyd", random_state=0)
+        ref.fit(x[b].double().numpy())
+        assert float(res.inertia[b]) < ref.inertia_
+
+
+# ----------------------------------------------------------------------------- result contract
+def test_result_contract_batched():
+    x = torch.randn(3, 100, 12)
+    res = kmeans(x, 20, device="cpu")
+    assert isinstance(res, KMeansResult)
+    assert res.labels.shape == (3, 100) and res.labels.dtype == torch.int64
+    assert res.centers.shape == (3, 20, 12) and res.centers.dtype == torch.float32
+    assert res.inertia.shape == (3,) and res.inertia.dtype == torch.float64
+    for b in range(3):
+        # the centres are the exact means of their points, the inertia is exact
+        lab = res.labels[b]
+        means = torch.stack([x[b][lab == j].double().mean(0) for j in range(20)])
+        assert torch.equal(res.centers[b], means.float())
+        assert torch.allclose(res.inertia[b], _inertia64(x[b], lab, res.centers[b]), rtol=1e-12)
+
+
+def test_result_contract_single():
+    x = torch.randn(50, 4, dtype=torch.float64)
+    res = kmeans(x, 5, device=torch.device("cpu"))
+    assert res.labels.shape == (50,)
+    assert res.centers.shape == (5, 4) and res.centers.dtype == torch.float64
+    assert res.inertia.dim() == 0 and res.inertia.dtype == torch.float64
+
+
+def test_refinement_lowers_inertia():
+    x = torch.randn(2, 400, 30)
+    plain = kmeans(x, 100, refine=False, n_init=1)
+    refined = kmeans(x, 100, refine=True, n_init=1)
+    assert (refined.inertia < plain.inertia).all()
+    assert refined.n_moves > 0
+
+
+def test_refined_result_is_hartigan_optimal():
+    """No single-point move may lower the exact inertia any more."""
+    x = torch.randn(150, 6, dtype=torch.float64)
+    k = 40
+    res = kmeans(x, k, n_init=1)
+    lab, c = res.labels, res.centers
+    cnt = torch.bincount(lab, minlength=k).double()
+    d = torch.cdist(x, c) ** 2
+    own = d.gather(1, lab[:, None])[:, 0]
+    out_gain = own * cnt[lab] / (cnt[lab] - 1).clamp(min=1)
+    in_cost = d * (cnt / (cnt + 1))
+    in_cost[torch.arange(150), lab] = float("inf")
+    gain = torch.where(cnt[lab] > 1, out_gain - in_cost.min(1).values, torch.zeros(150))
+    assert float(gain.max()) <= 1e-4 * float(own.mean())
+
+
+# -------------------------------------------------------------------------------- edge cases
+def test_exact_recovery_of_separated_clusters():
+    x, truth = _blobs(n_per=6, k=12, dim=10, spread=10.0, noise=0.01, seed=3)
+    res = kmeans(x, 12)
+    # same partition: labels and truth determine each other
+    pairs = set(zip(res.labels.tolist(), truth.tolist()))
+    assert len(pairs) == 12
+    for j in range(12):
+        assert torch.allclose(res.centers[j], x[res.labels == j].mean(0))
+
+
+def test_duplicate_points():
+    g = torch.Generator().manual_seed(0)
+    distinct = torch.randn(10, 5, generator=g)
+    x = distinct.repeat(6, 1)  # 60 points, 10 distinct
+    res = kmeans(x, 10)
+    assert float(res.inertia) == 0.0
+    assert torch.bincount(res.labels, minlength=10).min() >= 1
+    assert torch.unique(res.centers, dim=0).shape[0] == 10  # no duplicate centroids
+
+
+def test_more_clusters_than_distinct_points():
+    x = torch.randn(4, 3).repeat(5, 1)  # 20 points, 4 distinct
+    res = kmeans(x, 7)
+    assert float(res.inertia) == 0.0
+    assert torch.bincount(res.labels, minlength=7).min() >= 1
+    assert torch.isfinite(res.centers).all()
+
+
+def test_all_points_identical():
+    x = torch.ones(30, 4)
+    res = kmeans(x, 5)
+    assert float(res.inertia) == 0.0 and torch.bincount(res.labels, minlength=5).min() >= 1
+    assert torch.equal(res.centers, torch.ones(5, 4))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_k_equals_n_is_exact(dtype):
+    x = torch.randn(2, 25, 7).to(dtype)
+    x[0, 3] = x[0, 4]  # a duplicate still gets its own centre
+    res = kmeans(x, 25)
+    assert torch.equal(res.labels, torch.arange(25).expand(2, 25))
+    assert res.centers.dtype == dtype
+    assert torch.equal(res.centers, x)  # bit-identical
+    assert torch.equal(res.inertia, torch.zeros(2, dtype=torch.float64))
+
+
+def test_singleton_centres_are_bit_identical():
+    x = torch.randn(40, 9) * 1e3 + torch.randn(40, 9)
+    res = kmeans(x, 35)
+    cnt = torch.bincount(res.labels, minlength=35)
+    for j in torch.nonzero(cnt == 1)[:, 0].tolist():
+        assert torch.equal(res.centers[j], x[res.labels == j][0])
+
+
+def test_k_equals_one():
+    x = torch.randn(3, 50, 6, dtype=torch.float64)
+    res = kmeans(x, 1)
+    assert (res.labels == 0).all()
+    assert torch.allclose(res.centers[:, 0], x.mean(1), rtol=0, atol=1e-12)
+    assert torch.allclose(res.inertia, ((x - x.mean(1, keepdim=True)) ** 2).sum((1, 2)))
+
+
+def test_no_empty_clusters_no_nan():
+    for seed in range(4):
+        g = torch.Generator().manual_seed(seed)
+        # heavy-tailed data with a few outliers: a classic cause of empty clusters in Lloyd
+        x = torch.randn(2, 80, 3, generator=g) ** 3
+        res = kmeans(x, 40, seed=seed, n_init=3)
+        assert torch.isfinite(res.centers).all() and torch.isfinite(res.inertia).all()
+        for b in range(2):
+            assert torch.bincount(res.labels[b], minlength=40).min() >= 1
+
+
+def test_fill_empty_gives_every_cluster_a_point():
+    labels = torch.tensor([[0, 0, 0, 1, 1, 0]])
+    dist = torch.tensor([[1.0, 5.0, 2.0, 9.0, 0.5, 3.0]])
+    out = km._fill_empty(labels, dist, 4)
+    assert torch.bincount(out[0], minlength=4).min() >= 1
+    # the farthest point (9.0) sits in a cluster of 2 and may move; points are taken far-first
+    assert out[0, 3] != 1 and out[0, 1] != 0
+
+
+# ----------------------------------------------------------------------- batching, determinism
+def test_single_problem_equals_batch_member():
+    x = torch.randn(4, 120, 17)
+    batch = kmeans(x, 30, seed=5)
+    for b in range(4):
+        one = kmeans(x[b], 30, seed=5)
+        assert torch.equal(one.labels, batch.labels[b])
+        assert torch.equal(one.centers, batch.centers[b])
+        assert torch.equal(one.inertia, batch.inertia[b])
+
+
+def test_chunking_does_not_change_the_answer():
+    x = torch.randn(5, 90, 11)
+    whole = kmeans(x, 20, seed=1)
+    chunked = kmeans(x, 20, seed=1, max_chunk_bytes=1)  # one problem per group
+    assert torch.equal(whole.labels, chunked.labels)
+    assert torch.equal(whole.inertia, chunked.inertia)
+
+
+def test_deterministic_for_a_seed():
+    x = torch.randn(3, 150, 20)
+    a = kmeans(x, 40, seed=3, n_init=2)
+    b = kmeans(x, 40, seed=3, n_init=2)
+    assert torch.equal(a.labels, b.labels) and torch.equal(a.centers, b.centers)
+    assert torch.equal(a.inertia, b.inertia)
+    c = kmeans(x, 40, seed=4, n_init=2)
+    assert not torch.equal(a.labels, c.labels)
+
+
+def test_more_restarts_never_hurt():
+    x = torch.randn(2, 160, 10)
+    one = kmeans(x, 40, n_init=1, seed=0)
+    three = kmeans(x, 40, n_init=3, seed=0)  # restart 0 is the same run as n_init=1
+    assert (three.inertia <= one.inertia).all()
+
+
+# ---------------------------------------------------------------------------------- validation
+@pytest.mark.parametrize("k", [0, -1, 11, 2.0, True])
+def test_bad_k(k):
+    with pytest.raises(ValueError, match="k must"):
+        kmeans(torch.randn(10, 3), k)
+
+
+@pytest.mark.parametrize("shape", [(10,), (2, 3, 4, 5), (0, 3), (2, 0, 3)])
+def test_bad_shapes(shape):
+    with pytest.raises(ValueError):
+        kmeans(torch.randn(shape), 1)
+
+
+def test_bad_n_init_and_type():
+    with pytest.raises(ValueError, match="n_init"):
+        kmeans(torch.randn(10, 3), 2, n_init=0)
+    with pytest.raises(ValueError, match="torch.Tensor"):
+        kmeans([[1.0, 2.0]], 1)
+
+
+def test_device_argument_forms():
+    x = torch.randn(30, 4)
+    ref = kmeans(x, 5, device="cpu")
+    for dev in ("auto", torch.device("cpu")) if not torch.cuda.is_available() else ("cpu",):
+        assert torch.equal(kmeans(x, 5, device=dev).labels, ref.labels)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_matches_cpu_quality_and_is_deterministic():
+    x = torch.randn(3, 300, 40)
+    a = kmeans(x, 75, device="cuda")
+    b = kmeans(x, 75, device="cuda")
+    assert a.labels.device.type == "cuda"
+    assert torch.equal(a.labels, b.labels) and torch.equal(a.inertia, b.inertia)
+    cpu = kmeans(x, 75, device="cpu")
+    assert torch.allclose(a.inertia.cpu(), cpu.inertia, rtol=0.02)
+
+
+# -------------------------------------------------------------------------------- memory bound
+def test_problems_are_grouped_under_the_budget(monkeypatch):
+    sizes = []
+    real = km._solve_group
+
+    def spy(xg, *args, **kwargs):
+        sizes.append(xg.shape[0])
+        return real(xg, *args, **kwargs)
+
+    monkeypatch.setattr(km, "_solve_group", spy)
+    per = km._bytes_per_problem(64, 8, 16, 2)
+    kmeans(torch.randn(7, 64, 8), 16, n_init=2, max_chunk_bytes=3 * per)
+    assert sizes == [3, 3, 1]
+
+
+_MEMORY_SCRIPT = textwrap.dedent(
+    """
+    import json, resource, sys, torch
+    import hf_mlpfusion.kmeans as km
+    B, n, dim, k = 6, 1024, 384, 256
+    x = torch.randn(B, n, dim)
+    km.kmeans(torch.randn(2, 64, 8), 16)  # warm up the allocator and the kernels
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    res = km.kmeans(x, k, n_init=1, max_iter=5, max_chunk_bytes=int(sys.argv[1]))
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"peak_growth": after - before,
+                      "per_problem": km._bytes_per_problem(n, dim, k, 1)}))
+    """
+)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ru_maxrss in KiB on Linux")
+def test_peak_memory_is_bounded_by_the_budget():
+    """Peak RSS growth stays within a few per-problem budgets when problems go one at a time.
+
+    An n x k x dim intermediate would be 400 MB here, all six Gram matrices together 25 MB, all
+    distance matrices together 6 MB: the bound is tight enough to catch either mistake.
+    """
+    out = subprocess.run([sys.executable, "-c", _MEMORY_SCRIPT, "1"], capture_output=True,
+                         text=True, check=True, timeout=120)
+    m = json.loads(out.stdout.strip().splitlines()[-1])
+    assert m["peak_growth"] < 2 * m["per_problem"] + (8 << 20), m
