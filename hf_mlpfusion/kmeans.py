@@ -395,54 +395,102 @@ def _sums64(x, labels, k):
     return out
 
 
-def _hartigan(D, cc, counts, labels, xx, gram, prob):
+def _hartigan(D, cc, counts, labels, xx, gram, prob, rounds=3):
     """Batched Hartigan single-point moves, in place. Returns the number of moves applied.
 
     D [P, n, k] squared distances, cc [P, k] squared centre norms, counts [P, k], labels [P, n],
     xx [P, n] squared point norms, gram [G, n, n], prob [P] problem of each run.
+
+    Each point keeps its cheapest destination ``n_b/(n_b+1) |x-c_b|^2`` (``best_in``, ``dest``).
+    A sweep only touches the clusters it changed: their columns of D are updated, ``best_in`` is
+    lowered where a changed column got cheaper, and recomputed in full only for the points whose
+    destination changed (or that moved). No sweep after the first reads all of D.
     """
     P, n, k = D.shape
     dev = D.device
-    runs_all = torch.arange(P, device=dev)
     pts = torch.arange(n, device=dev)
+    rows_p = torch.arange(P, device=dev)
+    best_in, dest = _in_cost_rows(D, counts, labels, rows_p[:, None].expand(P, n), pts.expand(P, n))
     total = 0
-    active = runs_all
     for _ in range(4 * n + 100):  # every sweep lowers the inertia; the cap only guards float noise
-        Dq, cq, lq = D[active], counts[active], labels[active]
-        cf = cq.to(D.dtype)
-        w_in = Dq * (cf / (cf + 1.0))[:, None, :]
-        w_in.scatter_(2, lq[:, :, None], math.inf)
-        in_cost, dest = w_in.min(2)  # [A, n]
-        del w_in
-        na = cf.gather(1, lq)
-        da = Dq.gather(2, lq[:, :, None])[:, :, 0]
+        na = counts.gather(1, labels).to(D.dtype)
+        da = D.gather(2, labels[:, :, None])[:, :, 0]
         out_cost = da * (na / (na - 1.0).clamp(min=1.0))
-        gain = out_cost - in_cost
+        gain = out_cost - best_in
         # gains within float32 noise of the distance expansion do not count
-        noise = 1e-5 * (xx[active] + out_cost) + 1e-30
-        ok = (na > 1.5) & (gain > noise)
+        ok = (na > 1.5) & (gain > 1e-5 * (xx + out_cost) + 1e-30)
         if not bool(ok.any()):
             break
-        gain = torch.where(ok, gain, torch.full_like(gain, -math.inf))
-        # each cluster keeps its best proposal (as source or destination); ties go to the highest
-        # point index. A move is accepted when it is the winner of both its clusters.
-        A = gain.shape[0]
-        idx2 = torch.cat([lq, dest], 1)  # [A, 2n]
-        g2 = torch.cat([gain, gain], 1)
-        best = torch.full((A, k), -math.inf, device=dev, dtype=gain.dtype)
-        best.scatter_reduce_(1, idx2, g2, "amax")
-        is_best = (g2 == best.gather(1, idx2)) & torch.isfinite(g2)
-        key = torch.where(is_best, torch.cat([pts, pts]).expand(A, 2 * n), -1)
-        win = torch.full((A, k), -1, device=dev, dtype=torch.long)
-        win.scatter_reduce_(1, idx2, key, "amax")
-        acc = ok & (win.gather(1, lq) == pts) & (win.gather(1, dest) == pts)
-        ar, ap = torch.nonzero(acc, as_tuple=True)  # moves: (active row, point)
-        run = active[ar]
-        a, b = lq[ar, ap], dest[ar, ap]
-        _apply_moves(D, cc, counts, labels, xx, gram, prob, run, ap, a, b)
-        total += int(ar.numel())
-        active = active[torch.unique(ar)]
+        acc = _independent_moves(gain, ok, labels, dest, k, rounds)
+        run, p = torch.nonzero(acc, as_tuple=True)
+        a, b = labels[run, p], dest[run, p]
+        _apply_moves(D, cc, counts, labels, xx, gram, prob, run, p, a, b)
+        total += int(run.numel())
+
+        # --- keep best_in / dest current
+        run2, c2 = torch.cat([run, run]), torch.cat([a, b])
+        changed = torch.zeros(P, k, dtype=torch.bool, device=dev)
+        changed[run2, c2] = True
+        cf = counts[run2, c2].to(D.dtype)
+        wcol = D[run2, :, c2] * (cf / (cf + 1.0))[:, None]  # [M2, n]
+        wcol.masked_fill_(labels[run2] == c2[:, None], math.inf)
+        idx = run2[:, None].expand_as(wcol)
+        colmin = torch.full((P, n), math.inf, device=dev, dtype=D.dtype)
+        colmin.scatter_reduce_(0, idx, wcol, "amin")
+        key = torch.where(wcol == colmin[run2], c2[:, None], -1)
+        colarg = torch.full((P, n), -1, device=dev, dtype=torch.long)
+        colarg.scatter_reduce_(0, idx, key, "amax")
+        better = colmin < best_in
+        best_in = torch.where(better, colmin, best_in)
+        dest = torch.where(better, colarg, dest)
+        stale = (changed.gather(1, dest) & ~better) | acc
+        sr, sp = torch.nonzero(stale, as_tuple=True)
+        if sr.numel():
+            v, j = _in_cost_rows(D, counts, labels, sr, sp)
+            best_in[sr, sp] = v
+            dest[sr, sp] = j
     return total
+
+
+def _in_cost_rows(D, counts, labels, r, i):
+    """Cheapest destination of points (r, i) (any index shape): ``min_b n_b/(n_b+1) D[r, i, b]``
+    over the clusters b other than the point's own."""
+    cf = counts[r].to(D.dtype)
+    w = D[r, i] * (cf / (cf + 1.0))
+    w.scatter_(-1, labels[r, i][..., None], math.inf)
+    return w.min(-1)
+
+
+def _independent_moves(gain, ok, labels, dest, k, rounds):
+    """Moves [P, n] (bool) in which every cluster occurs at most once per run, greedily by gain.
+
+    Each cluster picks its best proposal (as source or destination; ties go to the highest point
+    index); a proposal that both its clusters picked is accepted. Further rounds repeat this among
+    the proposals whose clusters are both still free.
+    """
+    P, n = gain.shape
+    dev = gain.device
+    pts2 = torch.arange(n, device=dev).repeat(2).expand(P, 2 * n)
+    idx2 = torch.cat([labels, dest], 1)  # [P, 2n]
+    used = torch.zeros(P, k, dtype=torch.bool, device=dev)
+    acc = torch.zeros_like(ok)
+    for _ in range(rounds):
+        live = ok & ~used.gather(1, labels) & ~used.gather(1, dest)
+        if not bool(live.any()):
+            break
+        g = torch.where(live, gain, -math.inf)
+        g2 = torch.cat([g, g], 1)
+        best = torch.full((P, k), -math.inf, device=dev, dtype=gain.dtype)
+        best.scatter_reduce_(1, idx2, g2, "amax")
+        key = torch.where((g2 == best.gather(1, idx2)) & (g2 > -math.inf), pts2, -1)
+        win = torch.full((P, k), -1, device=dev, dtype=torch.long)
+        win.scatter_reduce_(1, idx2, key, "amax")
+        new = live & (win.gather(1, labels) == pts2[:, :n]) & (win.gather(1, dest) == pts2[:, :n])
+        acc |= new
+        r, p = torch.nonzero(new, as_tuple=True)
+        used[r, labels[r, p]] = True
+        used[r, dest[r, p]] = True
+    return acc
 
 
 def _apply_moves(D, cc, counts, labels, xx, gram, prob, run, p, a, b):
