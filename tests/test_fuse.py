@@ -106,3 +106,16 @@ def test_sub_mlp_vectors_round_trip_and_counts():
     assert torch.equal(r1, w1) and torch.equal(rb1, b1) and torch.equal(r2, w2)
     counts = cluster_sizes(torch.tensor([[0, 0, 1, 2, 2, 2]]), 3)
     assert counts.tolist() == [[2.0, 1.0, 3.0]]
+
+
+def test_fusing_a_fused_or_unsupported_model_is_a_clear_error():
+    from hf_mlpfusion.errors import UnsupportedArchitectureError
+
+    fused = fuse(tiny.model("bert", "BertModel"), FusionConfig(ratio=0.5))
+    with pytest.raises(UnsupportedArchitectureError, match="already MLP-fused"):
+        fuse(fused, FusionConfig(ratio=0.5))
+    import transformers
+
+    distil = transformers.DistilBertModel(transformers.DistilBertConfig(dim=32, n_layers=1, n_heads=2, hidden_dim=64, vocab_size=50))
+    with pytest.raises(UnsupportedArchitectureError, match="supported model types: bert"):
+        fuse(distil, FusionConfig(ratio=0.5))
