@@ -33,11 +33,15 @@ import torch
 
 __all__ = ["kmeans", "KMeansResult", "DEFAULT_N_INIT", "DEFAULT_MAX_ITER", "DEFAULT_TOL"]
 
-#: Restarts per problem. Hartigan refinement makes each restart far better than a Lloyd run, so a
-#: few restarts beat scikit-learn's n_init=30 (see docs/kmeans.md).
-DEFAULT_N_INIT = 2
-#: Lloyd iterations before the Hartigan refinement takes over (it converges on its own).
-DEFAULT_MAX_ITER = 30
+#: Restarts per problem. With ~4 points per centroid the Hartigan refinement, not the restarts, is
+#: what lowers the inertia: one refined run is already ~6% below scikit-learn's n_init=30 on the
+#: real MiniLM layers, and 2 or 4 restarts gain < 0.1% more for 1.6x / 2.3x the time
+#: (docs/kmeans.md).
+DEFAULT_N_INIT = 1
+#: Lloyd iterations before the Hartigan refinement takes over (it converges on its own). Lloyd moves
+#: many points per (expensive) iteration early on; later its few moves are cheaper as Hartigan
+#: moves, and 10 vs 30 iterations made no difference in inertia on MiniLM.
+DEFAULT_MAX_ITER = 10
 #: Lloyd stops early when the total squared centre shift is below ``tol`` times the mean per-feature
 #: variance of the data (scikit-learn's definition).
 DEFAULT_TOL = 1e-4
