@@ -133,8 +133,8 @@ def timed(fn, *args, **kw) -> tuple[float, float]:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--problem", choices=["minilm", "roberta", "both"], default="both")
-    ap.add_argument("--n-init", type=int, nargs="*", default=[1, None],
-                    help="our restarts to report (None = the default)")
+    ap.add_argument("--n-init", nargs="*", default=[None],
+                    help="our restarts to report (None = the default), e.g. --n-init None 2 4")
     ap.add_argument("--skip", nargs="*", default=[], help="baselines to skip: sklearn1 faiss fpk")
     ap.add_argument("--sklearn30-roberta", action="store_true",
                     help="also run (and cache) scikit-learn n_init=30 on the RoBERTa problem")
