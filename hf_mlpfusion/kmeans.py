@@ -139,13 +139,17 @@ def kmeans(
     group = max(1, min(B, int(max_chunk_bytes // per_problem)))
 
     # The random stream is shared by all problems (see ``seed``): uniforms for the first centre
-    # and for the k-means++ candidate draws of every restart.
+    # and for the k-means++ candidate draws. Restart r has its own stream, seeded from (seed, r),
+    # so restart 0 of n_init=4 is the n_init=1 run and more restarts never do worse.
     n_trials = 2 + int(math.log(k))
     gen = torch.Generator(device=dev)
-    gen.manual_seed(int(seed))
-    u_first = torch.rand(n_init, generator=gen, device=dev, dtype=torch.float64)
-    u_trials = torch.rand(max(k - 1, 0), n_init, n_trials, generator=gen, device=dev,
-                          dtype=torch.float64)
+    u_first = torch.empty(n_init, device=dev, dtype=torch.float64)
+    u_trials = torch.empty(max(k - 1, 0), n_init, n_trials, device=dev, dtype=torch.float64)
+    for r in range(n_init):
+        gen.manual_seed((int(seed) * 1_000_003 + r) % (2**63))
+        u_first[r] = torch.rand((), generator=gen, device=dev, dtype=torch.float64)
+        u_trials[:, r] = torch.rand(max(k - 1, 0), n_trials, generator=gen, device=dev,
+                                    dtype=torch.float64)
 
     labels_out, centers_out, inertia_out = [], [], []
     n_iter_tot, n_moves_tot = 0, 0
