@@ -57,7 +57,7 @@ def test_refit_lowers_every_layer_error(tok, family, head):
     m = tiny.model(family, head)
     fused = fuse(m, FusionConfig(ratio=0.25, layers=[0, 2], seed=0))
     counts = {k: v.clone() for k, v in fused.state_dict().items() if k.endswith(".counts")}
-    summary = calibrate(m, fused, CAL, tok, refit=True)
+    summary = calibrate(m, fused, CAL, tok, refit=True, target="local")
     json.dumps(summary)  # JSON-able
     assert [e["layer"] for e in summary["layers"]] == [0, 2] and summary["tokens"] > 0
     for e in summary["layers"]:
@@ -75,7 +75,7 @@ def test_refit_never_makes_it_worse_when_nothing_can_be_gained(tok):
     m = tiny.model("bert")
     exact = fuse(m, FusionConfig(ratio=1.0, layers=[1], seed=0))  # exact already: error ~ 0
     before = {k: v.clone() for k, v in exact.state_dict().items()}
-    summary = calibrate(m, exact, CAL[:8], tok, refit=True)
+    summary = calibrate(m, exact, CAL[:8], tok, refit=True, target="local")
     (e,) = summary["layers"]
     assert e["error_after"] <= e["error_before"] < 1e-10
     if not e["refit_kept"]:
@@ -87,7 +87,7 @@ def test_refit_error_is_never_above_the_data_free_error_across_seeds(tok):
         m = tiny.model("gpt2", seed=seed)
         fused = fuse(m, FusionConfig(ratio=0.5, seed=seed, method="prune"))
         base = layer_errors(m, fused, CAL, tok)
-        summary = calibrate(m, fused, CAL, tok, refit=True)
+        summary = calibrate(m, fused, CAL, tok, refit=True, target="local")
         for e in summary["layers"]:
             assert e["error_after"] <= e["error_before"] + 1e-12
         assert base[0] == pytest.approx(summary["layers"][0]["error_before"], rel=1e-4)
@@ -98,7 +98,7 @@ def test_distillation_lowers_the_error_and_keeps_counts_frozen(tok):
     fused = fuse(m, FusionConfig(ratio=0.25, layers=[0, 1, 2], seed=0))
     counts = {k: v.clone() for k, v in fused.state_dict().items() if k.endswith(".counts")}
     assert not any(n.endswith("counts") for n, _ in fused.named_parameters())
-    summary = calibrate(m, fused, CAL, tok, refit=False, distill_steps=30, distill_lr=1e-3)
+    summary = calibrate(m, fused, CAL, tok, refit=False, distill_steps=30, distill_lr=1e-3, target="local")
     for e in summary["layers"]:
         assert e["error_after"] <= e["error_before"]
     assert any(e["distill_kept"] and e["error_after"] < e["error_before"] for e in summary["layers"])
@@ -198,3 +198,36 @@ def test_real_minilm_refit_improves_the_embedding(tmp_path):
     calibrate(m, fused, load_texts(None, split="calibration", limit=32), real_tok, max_length=64)
     after = evaluate(m, fused, held, real_tok, ntk_examples=0, latency_repeats=0)
     assert after.cosine_mean > before.cosine_mean and after.hidden_relative_error < before.hidden_relative_error
+
+
+def _residual_sum_errors(original, fused, texts, tok) -> dict[int, float]:
+    """Independent measure of what target="residual" fits: the block's residual sum r + MLP(x) in the
+    fused model against the original's at the same tokens, relative to the target's size."""
+    from hf_mlpfusion.calibrate import capture_mlp_and_residual
+
+    ao, af = adapter_for(original), adapter_for(fused)
+    enc = list(batches(texts, tok, max_length=128, batch_size=16, model=fused))
+    out = {}
+    for i in fused.config.mlpfusion["layers"]:
+        xf, rf = capture_mlp_and_residual(fused, i, enc)
+        xo, ro = capture_mlp_and_residual(original, i, enc)
+        with torch.no_grad():
+            want = mlp_apply(ao, ao.blocks(original)[i], xo) + ro
+            got = mlp_apply(af, af.blocks(fused)[i], xf) + rf
+        out[i] = float((got - want).pow(2).sum() / (want - rf).pow(2).sum())
+    return out
+
+
+@pytest.mark.parametrize("family,head", [("bert", "BertModel"), ("gpt2", "GPT2Model")])
+def test_residual_target_matches_the_original_residual_stream(tok, family, head):
+    m = tiny.model(family, head, layers=3)
+    fused = fuse(m, FusionConfig(ratio=0.25, seed=0))
+    before = _residual_sum_errors(m, fused, CAL, tok)
+    summary = calibrate(m, fused, CAL, tok, refit=True)  # target="residual" is the default
+    assert summary["target"] == "residual"
+    after = _residual_sum_errors(m, fused, CAL, tok)
+    for e in summary["layers"]:
+        i = e["layer"]
+        assert after[i] == pytest.approx(e["error_after"], rel=1e-3, abs=1e-9)
+        assert after[i] <= before[i] + 1e-12
+    assert sum(after.values()) < sum(before.values())

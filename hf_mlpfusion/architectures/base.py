@@ -47,6 +47,10 @@ class Adapter:
     def read(self, block: nn.Module) -> MLPWeights:
         raise NotImplementedError
 
+    def residual_input(self, block: nn.Module) -> nn.Module:
+        """The module whose first input is the residual stream that the MLP's output is added to."""
+        raise NotImplementedError
+
     def tensors(self, w: MLPWeights) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """fc1.weight, fc1.bias, fc2.weight, fc2.bias in the modules' own storage orientation."""
         raise NotImplementedError
@@ -81,6 +85,10 @@ class LinearMLPAdapter(Adapter):
     def read(self, block):
         fc1, fc2 = self.mlp_modules(block)
         return MLPWeights(fc1.weight, fc1.bias, fc2.weight, fc2.bias)
+
+    def residual_input(self, block):
+        # post-LN: LayerNorm(W2 act(W1 x + b1) + b2 + x): the residual is the MLP's own input
+        return block.intermediate.dense
 
     def tensors(self, w):
         return w.w1, w.b1, w.w2, w.b2

@@ -28,6 +28,10 @@ class GPT2Adapter(Adapter):
         # Conv1D computes x @ W + b with W [in, out]: transpose into nn.Linear orientation.
         return MLPWeights(c_fc.weight.t(), c_fc.bias, c_proj.weight.t(), c_proj.bias)
 
+    def residual_input(self, block):
+        # pre-LN: h + mlp(ln_2(h)): the residual is the input of ln_2
+        return block.ln_2
+
     def tensors(self, w):
         return w.w1.t().contiguous(), w.b1, w.w2.t().contiguous(), w.b2
 
