@@ -325,6 +325,9 @@ def calibrate(original, fused, texts: list[str], tokenizer, *, refit: bool = Tru
                 _, after, kept = distill_layer(af, blocks_f[i], x, y, distill_steps, lr=distill_lr, seed=seed + i)
                 entry["distill_kept"] = kept
                 entry["error_after_distill"] = after / ref
+                if refit and kept:  # W1' moved: the best W2', b2 for it are one more solve away
+                    _, after, kept = refit_layer(af, blocks_f[i], x, y, ridge=ridge)
+                    entry["final_refit_kept"] = kept
             entry["error_after"] = _sq_error(af, blocks_f[i], x, y) / ref
             report.append(entry)
     finally:
