@@ -7,6 +7,10 @@ relative Adam-NTK error ||K' - K||_F / ||K||_F, K = G sign(G)^T with G the per-e
 <v, mean-pooled last hidden state> (v a fixed random unit vector) with respect to the layer's MLP
 parameters, on held-out built-in text. The paper claims fusion keeps this kernel best.
 Fused models are shared with benchmarks/fidelity.py's cache (.bench_cache/fused/).
+
+With --isolated, each layer is fused ALONE (the other layers stay original) and its kernel is
+measured in that model, so a layer's error is the method's own, not inherited from fused layers
+below it.
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ import json
 import torch
 
 from fidelity import CACHE, fused_cached, load_minilm, machine
+from hf_mlpfusion import FusionConfig, fuse, parse_layers
 from hf_mlpfusion.calibrate import batches
 from hf_mlpfusion.data import load_texts
 from hf_mlpfusion.evaluate import ntk_errors
@@ -30,6 +35,7 @@ def main():
     ap.add_argument("--examples", type=int, default=16)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="output directions v")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--isolated", action="store_true", help="fuse one layer at a time (see above)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     model, tok = load_minilm()
@@ -37,10 +43,17 @@ def main():
     examples = list(batches(texts, tok, max_length=128, batch_size=1, model=model))
     res = {}
     for method in METHODS:
-        fused, _ = fused_cached(model, method, args.layers, args.ratio)
-        layers = fused.config.mlpfusion["layers"]
-        per_seed = [ntk_errors(model, fused, examples, layers, seed=s) for s in args.seeds]
-        res[method] = {i: sum(p[i] for p in per_seed) / len(per_seed) for i in layers}
+        if args.isolated:
+            res[method] = {}
+            for i in parse_layers(args.layers):
+                fused = fuse(model, FusionConfig(ratio=args.ratio, layers=[i], method=method, device="cpu"))
+                per_seed = [ntk_errors(model, fused, examples, [i], seed=s)[i] for s in args.seeds]
+                res[method][i] = sum(per_seed) / len(per_seed)
+        else:
+            fused, _ = fused_cached(model, method, args.layers, args.ratio)
+            layers = fused.config.mlpfusion["layers"]
+            per_seed = [ntk_errors(model, fused, examples, layers, seed=s) for s in args.seeds]
+            res[method] = {i: sum(p[i] for p in per_seed) / len(per_seed) for i in layers}
         print(method, json.dumps(res[method]), flush=True)
     layers = list(res["fusion"])
     lines = [f"| layer | {' | '.join(METHODS)} | lowest |", "|---" * (len(METHODS) + 2) + "|"]
@@ -51,9 +64,10 @@ def main():
         lines.append(f"| {i} | " + " | ".join(f"**{res[m][i]:.3f}**" if m == best else f"{res[m][i]:.3f}" for m in METHODS) + f" | {best} |")
     lines.append("| mean | " + " | ".join(f"{sum(res[m].values()) / len(layers):.3f}" for m in METHODS) + " | |")
     out = "\n".join(lines)
-    print(f"\nmachine: {machine()}; layers {args.layers}, ratio {args.ratio}, {len(examples)} examples, "
+    mode = "each layer fused alone" if args.isolated else "all listed layers fused together"
+    print(f"\nmachine: {machine()}; layers {args.layers} ({mode}), ratio {args.ratio}, {len(examples)} examples, "
           f"{len(args.seeds)} output directions\n\n{out}\n\nlowest on: {wins}")
-    (CACHE / "ntk.json").write_text(json.dumps({m: {str(k): v for k, v in r.items()} for m, r in res.items()}))
+    (CACHE / ("ntk_isolated.json" if args.isolated else "ntk.json")).write_text(json.dumps({m: {str(k): v for k, v in r.items()} for m, r in res.items()}))
 
 
 if __name__ == "__main__":
