@@ -28,7 +28,7 @@ def compress(
     max_iter: Annotated[Optional[int], typer.Option("--max-iter", help="k-means Lloyd iterations (default: the library's).", show_default=False)] = None,
     calibration: Annotated[Optional[str], typer.Option("--calibration", help="Refit each fused layer's output projection by least squares on this text file (one sample per line), or 'builtin'.", show_default=False)] = None,
     distill_steps: Annotated[int, typer.Option("--distill-steps", help="Layer-wise distillation steps towards the original MLPs after fusion (0 = off).")] = 0,
-    calibration_samples: Annotated[int, typer.Option("--calibration-samples", help="How many calibration samples to use.")] = 256,
+    calibration_samples: Annotated[int, typer.Option("--calibration-samples", help="At most this many calibration samples (more samples measured better fidelity).")] = 1024,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the output folder if it exists.")] = False,
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Accept a checkpoint that only has pickled (.bin) weights. Only for sources you trust.")] = False,
     revision: Annotated[Optional[str], typer.Option("--revision", help="Revision of the source model on the Hub.", show_default=False)] = None,

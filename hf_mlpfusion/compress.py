@@ -277,7 +277,7 @@ def compress(model_id: str | None = None, config: FusionConfig | None = None, ou
              overwrite: bool = False, allow_pickle: bool = False, revision: str | None = None,
              token: str | None = None, progress: Callable[[str], None] | None = None,
              calibration: str | Path | None = None, distill_steps: int = 0,
-             calibration_samples: int = 256, repo_id: str | None = None) -> CompressResult:
+             calibration_samples: int = 1024, repo_id: str | None = None) -> CompressResult:
     """Fuse a checkpoint (folder or Hub id; None = the built-in MiniLM) and save it to `output`.
 
     `calibration` (a text file, or "builtin" for the built-in English text) turns on the
