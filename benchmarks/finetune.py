@@ -20,8 +20,18 @@ import torch
 from torch import nn
 
 from fidelity import CACHE, fused_cached, load_minilm, machine
-from hf_mlpfusion.calibrate import batches
+from hf_mlpfusion.calibrate import batches, calibrate
+from hf_mlpfusion.data import load_texts
 from hf_mlpfusion.data import load_labelled_csv
+
+
+MODELS = [
+    ("original", "original"),
+    ("fusion (layers 2-5, 0.25)", "fusion"),
+    ("prune (layers 2-5, 0.25)", "prune"),
+    ("fusion + refit (layers 2-5, 0.25)", "fusion+refit"),
+    ("prune + refit (layers 2-5, 0.25)", "prune+refit"),
+]
 
 
 def split(data, n_train, n_test, seed):
@@ -84,6 +94,8 @@ def main():
     ap.add_argument("--lr", type=float, default=5e-5)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--models", nargs="+", default=["original", "fusion", "prune"],
+                    choices=[m[1] for m in MODELS])
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     data = load_labelled_csv()
@@ -91,8 +103,10 @@ def main():
     rows = []
     for seed in args.seeds:
         train, test = split(data, args.train, args.test, seed)
-        for name, method in [("original", None), ("fusion (layers 2-5, 0.25)", "fusion"), ("prune (layers 2-5, 0.25)", "prune")]:
-            body = load_minilm()[0] if method is None else fused_cached(model, method, "2-5", 0.25)[0]
+        for name, method in [m for m in MODELS if m[1] in args.models]:
+            body = load_minilm()[0] if method == "original" else fused_cached(model, method.split("+")[0], "2-5", 0.25)[0]
+            if method.endswith("+refit"):  # the calibration compress offers: refit on the built-in calibration text
+                calibrate(model, body, load_texts(None, split="calibration", limit=1024), tok, refit=True)
             params = sum(p.numel() for p in body.parameters())
             acc, secs = run_one(body, tok, train, test, epochs=args.epochs, lr=args.lr, seed=seed)
             row = {"model": name, "seed": seed, "accuracy": acc, "train_s": secs, "params": params}
