@@ -84,6 +84,7 @@ def print_summary(result) -> None:
     summary.add_row("parameters after", f"{result.parameters_after:,} ({result.parameters_after / result.parameters_before:.1%})")
     summary.add_row("MLP FLOPs ratio", f"{result.mlp_flops_ratio:.3f}")
     s = result.seconds
-    summary.add_row("time", f"{sum(s.values()):.1f} s (load {s.get('load', 0):.1f}, fuse {s.get('fuse', 0):.1f}, save {s.get('save', 0):.1f})")
+    parts = ", ".join(f"{stage} {secs:.1f}" for stage, secs in s.items())
+    summary.add_row("time", f"{sum(s.values()):.1f} s ({parts})")
     summary.add_row("saved to", str(result.output))
     console.print(summary)
