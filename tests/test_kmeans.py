@@ -250,17 +250,6 @@ def test_device_argument_forms():
         assert torch.equal(kmeans(x, 5, device=dev).labels, ref.labels)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
-def test_cuda_matches_cpu_quality_and_is_deterministic():
-    x = torch.randn(3, 300, 40)
-    a = kmeans(x, 75, device="cuda")
-    b = kmeans(x, 75, device="cuda")
-    assert a.labels.device.type == "cuda"
-    assert torch.equal(a.labels, b.labels) and torch.equal(a.inertia, b.inertia)
-    cpu = kmeans(x, 75, device="cpu")
-    assert torch.allclose(a.inertia.cpu(), cpu.inertia, rtol=0.02)
-
-
 # -------------------------------------------------------------------------------- memory bound
 def test_problems_are_grouped_under_the_budget(monkeypatch):
     sizes = []
