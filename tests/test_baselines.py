@@ -16,12 +16,7 @@ from hf_mlpfusion.fusion import METHODS, cluster_mlps, fuse_mlps, prune_mlps, sk
 BASELINES = ["cluster", "prune", "sketch"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _mlp(w1, b1, w2, x, act=torch.relu, counts=None):

@@ -24,12 +24,7 @@ from test_evaluate import tiny_tokenizer
 CAL = load_texts(None, split="calibration", limit=48)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -18,13 +18,7 @@ from hf_mlpfusion.evaluate import adam_ntk, evaluate
 TEXTS = load_texts(None, split="heldout", limit=24)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one intra-op thread is many times faster than two on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_tokenizer(folder: Path):
