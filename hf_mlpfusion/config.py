@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Sequence
 
 from .errors import InvalidConfigError
 
-METHODS = ("fusion",)  # extended by the baselines (see fusion.METHODS)
 DEFAULT_RATIO = 0.25  # the paper's setting (3072 -> 768)
 
 
@@ -126,6 +125,3 @@ class FusionConfig:
 
     def kmeans_options(self) -> dict:
         return {"n_init": self.n_init, "max_iter": self.max_iter, "tol": self.tol}
-
-    def to_dict(self) -> dict:
-        return asdict(self)

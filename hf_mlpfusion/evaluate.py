@@ -25,9 +25,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .architectures import get_adapter
 from .calibrate import adapter_for, batches, fused_layers, max_tokens, prepare_tokenizer
-from .errors import CorruptCheckpointError, InvalidConfigError, ModelNotFoundError
+from .errors import InvalidConfigError, ModelNotFoundError
 from .fuse import count_parameters
 
 CAUSAL_HEADS = ("LMHeadModel", "ForCausalLM", "DoubleHeadsModel")
@@ -95,31 +94,12 @@ def _finite(x):
 
 def load_any(folder: str | Path):
     """Load a stock or fused checkpoint folder with its own head class (fused types need no remote code)."""
-    import transformers
-
-    from . import modeling
-    from .compress import check_weights
+    from .compress import load_model
 
     folder = Path(folder)
     if not folder.is_dir():
         raise ModelNotFoundError(f"no such folder: {folder}")
-    check_weights(folder)
-    try:
-        cfg = json.loads((folder / "config.json").read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CorruptCheckpointError(f"{folder / 'config.json'} is not valid JSON ({err})") from None
-    model_type = cfg.get("model_type", "")
-    adapter = get_adapter(str(model_type).removeprefix("mlpfusion_"))
-    arch = (cfg.get("architectures") or [None])[0]
-    if model_type in modeling.FAMILIES:
-        cls = modeling.model_class(model_type, arch or "MLPFusion" + adapter.base_class)
-    else:
-        cls = getattr(transformers, arch or adapter.base_class)
-    try:
-        model = cls.from_pretrained(str(folder))
-    except Exception as err:
-        raise CorruptCheckpointError(f"could not load {folder}: {str(err).splitlines()[0][:200]}") from None
-    return model.eval()
+    return load_model(folder, fused_ok=True)[0]
 
 
 def load_tokenizer(*folders):

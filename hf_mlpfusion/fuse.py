@@ -9,7 +9,6 @@ The input model is not modified: the result is a new model that owns copies of t
 from __future__ import annotations
 
 import copy
-import time
 from collections import defaultdict
 from typing import Callable
 
@@ -87,14 +86,13 @@ def fuse(model: PreTrainedModel, config: FusionConfig | None = None, *, source: 
     num_layers = adapter.num_layers(model.config)
     layers = config.resolve_layers(num_layers)
     blocks = adapter.blocks(model)
-    widths_before = [adapter.read(b).width for b in blocks]
-    weights = {i: adapter.read(blocks[i]) for i in layers}
+    mlps = [adapter.read(b) for b in blocks]
+    widths_before = [w.width for w in mlps]
+    weights = {i: mlps[i] for i in layers}
     new_width = {i: config.width_for(weights[i].width) for i in layers}
 
     say(f"clustering {len(layers)} layer(s) with {config.method}")
-    t0 = time.perf_counter()
     reduced = reduce_layers(weights, new_width, config)
-    cluster_seconds = time.perf_counter() - t0
 
     widths_after = [new_width.get(i, w) for i, w in enumerate(widths_before)]
     count_layers = [i for i in layers if reduced[i].counts is not None]
@@ -149,7 +147,6 @@ def fuse(model: PreTrainedModel, config: FusionConfig | None = None, *, source: 
     fused.train(model.training)
     meta["num_parameters_after"] = count_parameters(fused)
     fused.config.mlpfusion = meta
-    fused._mlpfusion_cluster_seconds = cluster_seconds
     return fused
 
 
