@@ -258,10 +258,8 @@ def save_fused(model, folder: Path, *, source_dir: Path | None = None, repo_id: 
         modeling.write_remote_code(folder, model_type)
     if source_dir is not None:
         copy_processor_files(source_dir, folder)
-    try:
-        from .hub import write_model_card
-    except ImportError:  # publishing extras not available: the checkpoint is still complete
-        return
+    from .hub import write_model_card  # huggingface_hub is a core dependency: the card is always written
+
     write_model_card(folder, source_dir=source_dir, repo_id=repo_id)
 
 
