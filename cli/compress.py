@@ -29,6 +29,7 @@ def compress(
     calibration: Annotated[Optional[str], typer.Option("--calibration", help="Refit each fused layer's output projection by least squares on this text file (one sample per line), or 'builtin'.", show_default=False)] = None,
     distill_steps: Annotated[int, typer.Option("--distill-steps", help="Layer-wise distillation steps towards the original MLPs after fusion (0 = off).")] = 0,
     calibration_samples: Annotated[int, typer.Option("--calibration-samples", help="At most this many calibration samples (more samples measured better fidelity).")] = 1024,
+    data_aware: Annotated[Optional[bool], typer.Option("--data-aware/--data-free", help="Cluster in a metric measured on the calibration text's MLP inputs (default: on with --calibration for fusion and cluster), or the paper's data-free clustering.", show_default=False)] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the output folder if it exists.")] = False,
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Accept a checkpoint that only has pickled (.bin) weights. Only for sources you trust.")] = False,
     revision: Annotated[Optional[str], typer.Option("--revision", help="Revision of the source model on the Hub.", show_default=False)] = None,
@@ -54,7 +55,8 @@ def compress(
         result = run_compress(model, config, output, overwrite=overwrite, allow_pickle=allow_pickle,
                               revision=revision, token=token, progress=lambda msg: status.update(msg),
                               calibration=calibration, distill_steps=distill_steps,
-                              calibration_samples=calibration_samples, repo_id=push_to_hub)
+                              calibration_samples=calibration_samples, data_aware=data_aware,
+                              repo_id=push_to_hub)
     print_summary(result)
 
     if push_to_hub:

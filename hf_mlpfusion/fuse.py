@@ -20,7 +20,7 @@ from .architectures import get_adapter, head_name
 from .architectures.base import MLPWeights
 from .config import FusionConfig
 from .errors import InvalidConfigError, UnsupportedArchitectureError
-from .fusion import METHODS, ReducedMLPs, fold_counts
+from .fusion import DATA_AWARE_METHODS, METHODS, DataMetric, ReducedMLPs, fold_counts
 
 Progress = Callable[[str], None]
 
@@ -45,7 +45,8 @@ def _qualified_names(model: torch.nn.Module) -> dict[int, str]:
     return {id(m): name for name, m in model.named_modules()}
 
 
-def reduce_layers(weights: dict[int, MLPWeights], widths: dict[int, int], config: FusionConfig) -> dict[int, ReducedMLPs]:
+def reduce_layers(weights: dict[int, MLPWeights], widths: dict[int, int], config: FusionConfig,
+                  metrics: dict[int, DataMetric] | None = None) -> dict[int, ReducedMLPs]:
     """Reduce every selected MLP; layers of the same (p, d, k) shape go through one batched call."""
     groups: dict[tuple, list[int]] = defaultdict(list)
     for i, w in weights.items():
@@ -57,7 +58,12 @@ def reduce_layers(weights: dict[int, MLPWeights], widths: dict[int, int], config
         w1 = torch.stack([weights[i].w1.detach().float() for i in idx])
         b1 = torch.stack([weights[i].b1.detach().float() for i in idx])
         w2 = torch.stack([weights[i].w2.detach().float() for i in idx])
-        red = method(w1, b1, w2, k, seed=config.seed, device=device, kmeans_options=config.kmeans_options(), **config.extra)
+        kwargs = dict(config.extra)
+        if metrics is not None:
+            kwargs["metric"] = DataMetric(torch.stack([metrics[i].chol for i in idx]),
+                                          torch.stack([metrics[i].w1_scale.reshape(()) for i in idx]),
+                                          torch.stack([metrics[i].w2_scale.reshape(()) for i in idx]))
+        red = method(w1, b1, w2, k, seed=config.seed, device=device, kmeans_options=config.kmeans_options(), **kwargs)
         if config.fold_scale:
             red = fold_counts(red)
         for j, i in enumerate(idx):
@@ -73,10 +79,12 @@ def reduce_layers(weights: dict[int, MLPWeights], widths: dict[int, int], config
 
 
 def fuse(model: PreTrainedModel, config: FusionConfig | None = None, *, source: str | None = None,
-         progress: Progress | None = None) -> PreTrainedModel:
+         metrics: dict[int, DataMetric] | None = None, progress: Progress | None = None) -> PreTrainedModel:
     """Return a fused copy of `model` (the input is left untouched).
 
     `source` is recorded in the metadata as the source model (defaults to the model's name_or_path).
+    `metrics` (layer -> `DataMetric`, from `hf_mlpfusion.calibrate.data_metrics`) makes the
+    clustering data-aware; only the clustering methods (fusion, cluster) take it.
     """
     config = config or FusionConfig()
     say = progress or (lambda msg: None)
@@ -90,9 +98,19 @@ def fuse(model: PreTrainedModel, config: FusionConfig | None = None, *, source: 
     widths_before = [w.width for w in mlps]
     weights = {i: mlps[i] for i in layers}
     new_width = {i: config.width_for(weights[i].width) for i in layers}
+    if metrics is not None:
+        if config.method not in DATA_AWARE_METHODS:
+            raise InvalidConfigError(
+                f"data-aware clustering applies to {' and '.join(DATA_AWARE_METHODS)}, not {config.method!r}: "
+                "drop it or choose one of those methods"
+            )
+        missing = [i for i in layers if i not in metrics]
+        if missing:
+            raise InvalidConfigError(f"data-aware clustering has no statistics for layer(s) {missing}: "
+                                     "compute them for every fused layer")
 
     say(f"clustering {len(layers)} layer(s) with {config.method}")
-    reduced = reduce_layers(weights, new_width, config)
+    reduced = reduce_layers(weights, new_width, config, metrics)
 
     widths_after = [new_width.get(i, w) for i, w in enumerate(widths_before)]
     count_layers = [i for i in layers if reduced[i].counts is not None]
@@ -104,7 +122,9 @@ def fuse(model: PreTrainedModel, config: FusionConfig | None = None, *, source: 
         "layers": layers,
         "seed": config.seed,
         "fold_scale": config.fold_scale,
-        "kmeans": _resolved_kmeans_options(config) if config.method == "fusion" else None,
+        "kmeans": _resolved_kmeans_options(config) if config.method in DATA_AWARE_METHODS else None,
+        "clustering": (("data-aware" if metrics is not None else "data-free")
+                       if config.method in DATA_AWARE_METHODS else None),
         "source_model": source if source is not None else str(getattr(model.config, "_name_or_path", "") or ""),
         "library_version": __version__,
         "widths_before": widths_before,
@@ -112,6 +132,8 @@ def fuse(model: PreTrainedModel, config: FusionConfig | None = None, *, source: 
         "num_parameters_before": count_parameters(model),
         "inertia": [None if reduced[i].inertia is None else float(reduced[i].inertia) for i in layers],
     }
+    if metrics is not None:
+        meta["clustering_tokens"] = int(max(m.tokens for m in metrics.values()))
     if config.extra:
         meta["options"] = {k: v for k, v in config.extra.items() if isinstance(v, (int, float, str, bool))}
 

@@ -16,7 +16,7 @@ from typing import Callable
 
 import torch
 
-from .kmeans import kmeans
+from .kmeans import cluster_means, kmeans
 
 
 @dataclass
@@ -48,14 +48,56 @@ def cluster_sizes(labels: torch.Tensor, k: int) -> torch.Tensor:
     return counts
 
 
+@dataclass
+class DataMetric:
+    """Statistics of B layers' MLP inputs that make k-means measure what merging neurons costs on data.
+
+    Merging neuron i into a centre c changes the MLP output, to first order, by
+    W2_i act'(a_i) (a_c - a_i) + (W2_c - W2_i) act(a_c), with a = W1 x + b1 the pre-activation.
+    Its expected square on the inputs x is approximated by a Euclidean distance between the vectors
+    u_i = [s1 * L^T [W1_i, b1_i], s2 * W2_i]:
+
+    - L: the Cholesky factor of E[[x, 1] [x, 1]^T], so ||L^T v||^2 = E[(v . [x, 1])^2] is the mean
+      squared change of the pre-activation on the real inputs;
+    - s1^2 = mean_i ||W2_i||^2 E[act'(a_i)^2] and s2^2 = mean_i E[act(a_i)^2], averaged over the
+      neurons, so that one plain (unweighted) k-means still applies.
+
+    The centres are then the plain means of the members' original vectors (the map is linear, so
+    this is the centre in either space), and the counts are the cluster sizes as before.
+    """
+
+    chol: torch.Tensor  # [B, d + 1, d + 1] lower-triangular L with L L^T = E[[x, 1][x, 1]^T]
+    w1_scale: torch.Tensor  # [B] s1
+    w2_scale: torch.Tensor  # [B] s2
+    tokens: int = 0  # how many tokens the statistics were taken on
+
+
+def metric_vectors(w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, metric: DataMetric) -> torch.Tensor:
+    """The sub-MLP vectors in the data metric's space: [B, p, 2d + 1] (see `DataMetric`)."""
+    L = metric.chol.to(device=w1.device, dtype=torch.float64)
+    w1b = torch.cat([w1, b1.unsqueeze(-1)], dim=-1).double()  # [B, p, d + 1]
+    s1 = metric.w1_scale.to(device=w1.device, dtype=torch.float64)[:, None, None]
+    s2 = metric.w2_scale.to(device=w1.device, dtype=torch.float64)[:, None, None]
+    return torch.cat([(w1b @ L) * s1, w2.transpose(-1, -2).double() * s2], dim=-1).float()
+
+
 def fuse_mlps(w1, b1, w2, k: int, *, seed: int = 0, device="auto", kmeans_options: dict | None = None,
-              **extra) -> ReducedMLPs:
-    """The paper's MLP fusion: k-means on the sub-MLP vectors of every layer in one batched call."""
+              metric: DataMetric | None = None, **extra) -> ReducedMLPs:
+    """The paper's MLP fusion: k-means on the sub-MLP vectors of every layer in one batched call.
+
+    With `metric` (data-aware clustering), k-means runs on the vectors mapped by the data metric and
+    the centres are the means of the members' original vectors; without it, the paper's data-free
+    clustering of the raw vectors.
+    """
     d = w1.shape[-1]
     z = sub_mlp_vectors(w1, b1, w2).float()
     opts = {key: v for key, v in (kmeans_options or {}).items() if v is not None}
-    res = kmeans(z, k, seed=seed, device=device, **opts)
-    centers = res.centers.to(device=w1.device, dtype=torch.float32)
+    if metric is None:
+        res = kmeans(z, k, seed=seed, device=device, **opts)
+        centers = res.centers.to(device=w1.device, dtype=torch.float32)
+    else:
+        res = kmeans(metric_vectors(w1, b1, w2, metric), k, seed=seed, device=device, **opts)
+        centers = cluster_means(z, res.labels.to(z.device), k).float()
     labels = res.labels.to(w1.device)
     nw1, nb1, nw2 = split_vectors(centers, d)
     return ReducedMLPs(nw1, nb1, nw2, cluster_sizes(labels, k).float(), res.inertia.cpu().double(), labels)
@@ -73,13 +115,13 @@ def fold_counts(mlps: ReducedMLPs) -> ReducedMLPs:
 
 
 def cluster_mlps(w1, b1, w2, k: int, *, seed: int = 0, device="auto", kmeans_options: dict | None = None,
-                 **extra) -> ReducedMLPs:
+                 metric: DataMetric | None = None, **extra) -> ReducedMLPs:
     """The reference code's `cluster` baseline: the same k-means, with sqrt(n) folded into W1, b1 and W2.
 
     W1' = sqrt(n) C_W1, b1' = sqrt(n) c_b1, W2' = sqrt(n) C_W2. Exact for ReLU (positively
     homogeneous), not for GELU; no count vector is kept.
     """
-    fused = fuse_mlps(w1, b1, w2, k, seed=seed, device=device, kmeans_options=kmeans_options)
+    fused = fuse_mlps(w1, b1, w2, k, seed=seed, device=device, kmeans_options=kmeans_options, metric=metric)
     s = fused.counts.sqrt().to(fused.w1.dtype)  # [B, k]
     return ReducedMLPs(fused.w1 * s.unsqueeze(-1), fused.b1 * s, fused.w2 * s.unsqueeze(-2), None,
                        fused.inertia, fused.labels)
@@ -117,9 +159,11 @@ def sketch_mlps(w1, b1, w2, k: int, *, seed: int = 0, device="auto", kmeans_opti
 
 
 # method name -> function(w1, b1, w2, k, *, seed, device, kmeans_options, **extra) -> ReducedMLPs
+# (the clustering methods also take `metric`, a DataMetric, for data-aware clustering)
 METHODS: dict[str, Callable[..., ReducedMLPs]] = {
     "fusion": fuse_mlps,
     "cluster": cluster_mlps,
     "prune": prune_mlps,
     "sketch": sketch_mlps,
 }
+DATA_AWARE_METHODS = ("fusion", "cluster")  # the methods whose clustering can use a DataMetric

@@ -51,7 +51,7 @@ def test_refit_lowers_every_layer_error(tok, family, head):
     m = tiny.model(family, head)
     fused = fuse(m, FusionConfig(ratio=0.25, layers=[0, 2], seed=0))
     counts = {k: v.clone() for k, v in fused.state_dict().items() if k.endswith(".counts")}
-    summary = calibrate(m, fused, CAL, tok, refit=True, target="local")
+    summary = calibrate(m, fused, CAL, tok, refit=True, target="local", weighting="uniform")
     json.dumps(summary)  # JSON-able
     assert [e["layer"] for e in summary["layers"]] == [0, 2] and summary["tokens"] > 0
     for e in summary["layers"]:
@@ -69,7 +69,7 @@ def test_refit_never_makes_it_worse_when_nothing_can_be_gained(tok):
     m = tiny.model("bert")
     exact = fuse(m, FusionConfig(ratio=1.0, layers=[1], seed=0))  # exact already: error ~ 0
     before = {k: v.clone() for k, v in exact.state_dict().items()}
-    summary = calibrate(m, exact, CAL[:8], tok, refit=True, target="local")
+    summary = calibrate(m, exact, CAL[:8], tok, refit=True, target="local", weighting="uniform")
     (e,) = summary["layers"]
     assert e["error_after"] <= e["error_before"] < 1e-10
     if not e["refit_kept"]:
@@ -81,7 +81,7 @@ def test_refit_error_is_never_above_the_data_free_error_across_seeds(tok):
         m = tiny.model("gpt2", seed=seed)
         fused = fuse(m, FusionConfig(ratio=0.5, seed=seed, method="prune"))
         base = layer_errors(m, fused, CAL, tok)
-        summary = calibrate(m, fused, CAL, tok, refit=True, target="local")
+        summary = calibrate(m, fused, CAL, tok, refit=True, target="local", weighting="uniform")
         for e in summary["layers"]:
             assert e["error_after"] <= e["error_before"] + 1e-12
         assert base[0] == pytest.approx(summary["layers"][0]["error_before"], rel=1e-4)
@@ -92,7 +92,7 @@ def test_distillation_lowers_the_error_and_keeps_counts_frozen(tok):
     fused = fuse(m, FusionConfig(ratio=0.25, layers=[0, 1, 2], seed=0))
     counts = {k: v.clone() for k, v in fused.state_dict().items() if k.endswith(".counts")}
     assert not any(n.endswith("counts") for n, _ in fused.named_parameters())
-    summary = calibrate(m, fused, CAL, tok, refit=False, distill_steps=30, distill_lr=1e-3, target="local")
+    summary = calibrate(m, fused, CAL, tok, refit=False, distill_steps=30, distill_lr=1e-3, target="local", weighting="uniform")
     for e in summary["layers"]:
         assert e["error_after"] <= e["error_before"]
     assert any(e["distill_kept"] and e["error_after"] < e["error_before"] for e in summary["layers"])
@@ -217,7 +217,7 @@ def test_residual_target_matches_the_original_residual_stream(tok, family, head)
     m = tiny.model(family, head, layers=3)
     fused = fuse(m, FusionConfig(ratio=0.25, seed=0))
     before = _residual_sum_errors(m, fused, CAL, tok)
-    summary = calibrate(m, fused, CAL, tok, refit=True)  # target="residual" is the default
+    summary = calibrate(m, fused, CAL, tok, refit=True, weighting="uniform")  # target="residual" is the default
     assert summary["target"] == "residual"
     after = _residual_sum_errors(m, fused, CAL, tok)
     for e in summary["layers"]:
@@ -225,3 +225,57 @@ def test_residual_target_matches_the_original_residual_stream(tok, family, head)
         assert after[i] == pytest.approx(e["error_after"], rel=1e-3, abs=1e-9)
         assert after[i] <= before[i] + 1e-12
     assert sum(after.values()) < sum(before.values())
+
+
+def test_token_weights_are_the_inverse_feature_variance_with_mean_one():
+    from hf_mlpfusion.calibrate import token_weights
+
+    s = torch.randn(50, 16, generator=torch.Generator().manual_seed(0)) * torch.linspace(0.1, 10, 50)[:, None]
+    w = token_weights(s)
+    inv = 1 / s.double().var(dim=1, unbiased=False)
+    assert w.mean().item() == pytest.approx(1.0, rel=1e-5)
+    assert torch.allclose(w.double(), inv / inv.mean(), rtol=1e-5)
+
+
+def test_weighted_refit_is_the_minimum_of_the_weighted_error(tok):
+    """The token-weighted refit beats the uniform one on the weighted error, and vice versa."""
+    from hf_mlpfusion.calibrate import _sq_error, refit_layer
+
+    m = tiny.model("bert", "BertModel", layers=2)
+    fused = fuse(m, FusionConfig(ratio=0.25, layers=[1], seed=0))
+    ao, af = adapter_for(m), adapter_for(fused)
+    enc = list(batches(CAL, tok, max_length=128, batch_size=16, model=fused))
+    x = capture_mlp_inputs(fused, 1, enc)
+    with torch.no_grad():
+        y = mlp_apply(ao, ao.blocks(m)[1], x)
+    w = torch.rand(x.shape[0], generator=torch.Generator().manual_seed(0)) ** 4 * 4
+    results = {}
+    for name, weights in (("uniform", None), ("weighted", w)):
+        f = fuse(m, FusionConfig(ratio=0.25, layers=[1], seed=0))
+        block = af.blocks(f)[1]
+        refit_layer(af, block, x, y, w=weights)
+        results[name] = (_sq_error(af, block, x, y), _sq_error(af, block, x, y, w))
+    assert results["weighted"][1] < results["uniform"][1]
+    assert results["uniform"][0] < results["weighted"][0]
+
+
+def test_token_weighted_calibration_reports_the_weighted_error_it_lowers(tok):
+    """The default weighting: an independent weighted measurement agrees with the reported errors."""
+    from hf_mlpfusion.calibrate import capture_mlp_and_residual, token_weights
+
+    m = tiny.model("bert", "BertModel", layers=2)
+    fused = fuse(m, FusionConfig(ratio=0.25, layers=[1], seed=0))
+    summary = calibrate(m, fused, CAL, tok, refit=True, distill_steps=20)
+    assert summary["weighting"] == "token"
+    (e,) = summary["layers"]
+    assert e["error_after"] < e["error_before"]
+    ao, af = adapter_for(m), adapter_for(fused)
+    enc = list(batches(CAL, tok, max_length=128, batch_size=16, model=fused))
+    xf, rf = capture_mlp_and_residual(fused, 1, enc)
+    xo, ro = capture_mlp_and_residual(m, 1, enc)
+    with torch.no_grad():
+        want = mlp_apply(ao, ao.blocks(m)[1], xo) + ro
+        got = mlp_apply(af, af.blocks(fused)[1], xf) + rf
+    w = token_weights(want).double()
+    measured = float((w[:, None] * (got - want).double().pow(2)).sum() / (w[:, None] * (want - rf).double().pow(2)).sum())
+    assert measured == pytest.approx(e["error_after"], rel=1e-3)
