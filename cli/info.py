@@ -43,6 +43,8 @@ def info(folder: Annotated[Path, typer.Argument(help="A folder written by `mlpfu
         ("count vector", "folded into W2" if meta.get("fold_scale") else f"frozen buffer in layers {cfg.get('count_layers', [])}"),
         ("parameters", f"{meta.get('num_parameters_before', 0):,} -> {meta.get('num_parameters_after', 0):,}"),
         ("seed", str(meta.get("seed"))),
+        ("clustering", _clustering(meta)),
+        ("calibration", _calibration(meta)),
         ("made with", f"hf-mlpfusion {meta.get('library_version')}, transformers {cfg.get('transformers_version')}"),
         ("load", "import hf_mlpfusion; AutoModel.from_pretrained(dir)  or  AutoModel.from_pretrained(dir, trust_remote_code=True)"
          if custom else "AutoModel.from_pretrained(dir)  (stock transformers, no custom code)"),
@@ -50,3 +52,19 @@ def info(folder: Annotated[Path, typer.Argument(help="A folder written by `mlpfu
     for key, value in rows:
         table.add_row(key, value)
     console.print(table)
+
+
+def _clustering(meta: dict) -> str:
+    kind = meta.get("clustering")
+    if kind == "data-aware":
+        return f"data-aware (MLP input statistics of {meta.get('clustering_tokens', 0):,} tokens)"
+    return kind or "none (not a clustering method)"
+
+
+def _calibration(meta: dict) -> str:
+    cal = meta.get("calibration")
+    if not cal:
+        return "none (data-free)"
+    steps = [s for s, on in (("refit", cal.get("refit")), (f"{cal.get('distill_steps')} distillation steps",
+                                                               cal.get("distill_steps"))) if on]
+    return f"{' + '.join(steps) or 'none'} on {cal.get('samples')} samples ({cal.get('tokens', 0):,} tokens)"

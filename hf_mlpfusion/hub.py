@@ -446,6 +446,13 @@ def render_model_card(config: dict, *, source_meta: dict | None = None, fidelity
     if isinstance(before, int) and isinstance(after, int) and before > 0:
         rows.append(("Parameters removed", f"{before - after:,} ({100 * (before - after) / before:.1f} %)"))
     rows += [("Seed", _fmt(meta.get("seed"))), ("k-means", _fmt(meta.get("kmeans")))]
+    if meta.get("clustering"):
+        rows.append(("Clustering", "data-aware (statistics of the original MLP inputs on calibration text)"
+                     if meta["clustering"] == "data-aware" else "data-free (the paper's)"))
+    cal = meta.get("calibration")
+    if cal:
+        rows.append(("Calibration", f"refit: {_fmt(cal.get('refit'))}, distillation steps: {_fmt(cal.get('distill_steps'))}, "
+                                    f"{_fmt(cal.get('samples'))} samples, token weighting: {_fmt(cal.get('weighting', 'uniform'))}"))
     summary_rows = "\n".join(f"| {k} | {v} |" for k, v in rows)
 
     layers = list(meta.get("layers") or [])

@@ -126,6 +126,10 @@ def test_compress_turns_data_aware_clustering_on_with_calibration(source, tmp_pa
     meta = json.loads((a.output / "config.json").read_text())["mlpfusion"]
     assert meta["clustering"] == "data-aware" and meta["calibration"]["samples"] == 16
     assert "statistics" in a.seconds
+    card = (a.output / "README.md").read_text()
+    assert "| Clustering | data-aware" in card and "| Calibration | refit: yes" in card
+    shown = " ".join(CliRunner().invoke(app, ["info", str(a.output)]).output.split())
+    assert "data-aware (MLP input statistics of" in shown and "refit on 16 samples" in shown
     b = compress(str(source), FusionConfig(ratio=0.25, seed=0), tmp_path / "b", calibration="builtin",
                  calibration_samples=16, data_aware=False)
     assert json.loads((b.output / "config.json").read_text())["mlpfusion"]["clustering"] == "data-free"
