@@ -64,7 +64,7 @@ def fused_cached(model, method: str, layers: str, ratio: float, seed: int = 0):
     return fused, secs
 
 
-def run(methods, layer_sets, ratios, distill: int, out) -> list[dict]:
+def run(methods, layer_sets, ratios, distill: int, out, weighting: str = "token") -> list[dict]:
     model, tok = load_minilm()
     cal = load_texts(None, split="calibration", limit=CAL_SAMPLES)
     held = load_texts(None, split="heldout", limit=HELD_SAMPLES)
@@ -77,9 +77,9 @@ def run(methods, layer_sets, ratios, distill: int, out) -> list[dict]:
                 for stage, steps in stages:
                     t0 = time.perf_counter()
                     if stage == "refit":
-                        calibrate(model, fused, cal, tok, refit=True)
+                        calibrate(model, fused, cal, tok, refit=True, weighting=weighting)
                     elif steps:
-                        calibrate(model, fused, cal, tok, refit=False, distill_steps=steps)
+                        calibrate(model, fused, cal, tok, refit=False, distill_steps=steps, weighting=weighting)
                     cal_s = time.perf_counter() - t0
                     rep = evaluate(model, fused, held, tok, samples=HELD_SAMPLES, ntk_examples=0, latency_repeats=0)
                     row = {"method": method, "layers": layers, "ratio": ratio, "stage": stage,
@@ -108,11 +108,13 @@ def main():
     ap.add_argument("--layers", nargs="+", default=["0-5", "2-5"])
     ap.add_argument("--ratios", nargs="+", type=float, default=[0.5, 0.25])
     ap.add_argument("--distill", type=int, default=0, help="also refit + N distillation steps")
+    ap.add_argument("--weighting", default="token", choices=["token", "uniform"],
+                    help="calibration token weighting (the docs' first tables were made with uniform)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy 2-core machine)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     CACHE.mkdir(exist_ok=True)
-    rows = run(args.methods, args.layers, args.ratios, args.distill, CACHE / "fidelity.jsonl")
+    rows = run(args.methods, args.layers, args.ratios, args.distill, CACHE / "fidelity.jsonl", args.weighting)
     print(f"\nmachine: {machine()}\n")
     print(table(rows))
 

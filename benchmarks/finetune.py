@@ -24,10 +24,10 @@ import torch
 from torch import nn
 
 from fidelity import CACHE, fused_cached, load_minilm, machine
-from hf_mlpfusion.calibrate import batches, calibrate
-from hf_mlpfusion.data import load_texts
-from hf_mlpfusion.data import load_labelled_csv
-from hf_mlpfusion.evaluate import load_any
+from hf_mlpfusion import FusionConfig, fuse
+from hf_mlpfusion.calibrate import batches, calibrate, data_metrics
+from hf_mlpfusion.data import load_labelled_csv, load_texts
+from hf_mlpfusion.evaluate import evaluate, load_any
 
 
 MODELS = [
@@ -36,6 +36,10 @@ MODELS = [
     ("prune (layers 2-5, 0.25)", "prune"),
     ("fusion + refit (layers 2-5, 0.25)", "fusion+refit"),
     ("prune + refit (layers 2-5, 0.25)", "prune+refit"),
+    # calibrated on the seed's own training tweets (text only, no labels), as `compress --calibration
+    # train.txt --distill-steps N` would: data-aware clustering for fusion, refit + N distillation steps
+    ("fusion + calibration on the training tweets (layers 2-5, 0.25)", "fusion+task"),
+    ("prune + calibration on the training tweets (layers 2-5, 0.25)", "prune+task"),
 ]
 
 
@@ -101,6 +105,7 @@ def main():
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--models", nargs="*", default=["original", "fusion", "prune"],
                     choices=[m[1] for m in MODELS])
+    ap.add_argument("--distill-steps", type=int, default=300, help="for the +task models")
     ap.add_argument("--load", nargs="*", default=[], metavar="NAME=DIR",
                     help="also fine-tune these saved bodies (folders written by mlpfusion compress)")
     args = ap.parse_args()
@@ -112,17 +117,30 @@ def main():
     for seed in args.seeds:
         train, test = split(data, args.train, args.test, seed)
         for name, method in [m for m in MODELS if m[1] in args.models] + [(n, "load:" + d) for n, d in loaded]:
+            t0 = time.perf_counter()
             if method.startswith("load:"):
                 body = load_any(method[5:])
             elif method == "original":
                 body = load_minilm()[0]
+            elif method.endswith("+task"):
+                texts = [t for t, _ in train]
+                base = method.split("+")[0]
+                metrics = data_metrics(model, [2, 3, 4, 5], texts, tok) if base == "fusion" else None
+                body = fuse(model, FusionConfig(ratio=0.25, layers="2-5", method=base, seed=0, device="cpu"),
+                            metrics=metrics)
+                calibrate(model, body, texts, tok, refit=True, distill_steps=args.distill_steps)
             else:
                 body = fused_cached(model, method.split("+")[0], "2-5", 0.25)[0]
             if method.endswith("+refit"):  # the calibration compress offers: refit on the built-in calibration text
                 calibrate(model, body, load_texts(None, split="calibration", limit=1024), tok, refit=True)
+            prep_s = time.perf_counter() - t0
             params = sum(p.numel() for p in body.parameters())
+            # fidelity before fine-tuning, on 400 test tweets (text only)
+            cos = None if method == "original" else evaluate(model, body, [t for t, _ in test[:400]], tok, samples=400,
+                                                             ntk_examples=0, latency_repeats=0).cosine_mean
             acc, secs = run_one(body, tok, train, test, epochs=args.epochs, lr=args.lr, seed=seed)
-            row = {"model": name, "seed": seed, "accuracy": acc, "train_s": secs, "params": params}
+            row = {"model": name, "seed": seed, "accuracy": acc, "train_s": secs, "params": params,
+                   "prep_s": prep_s, "cosine_on_test_tweets": cos}
             rows.append(row)
             print(json.dumps(row), flush=True)
             with open(CACHE / "finetune.jsonl", "a") as fh:
