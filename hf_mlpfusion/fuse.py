@@ -78,6 +78,15 @@ def reduce_layers(weights: dict[int, MLPWeights], widths: dict[int, int], config
     return out
 
 
+def check_data_aware_method(method: str) -> None:
+    """Data-aware clustering needs a method that clusters."""
+    if method not in DATA_AWARE_METHODS:
+        raise InvalidConfigError(
+            f"data-aware clustering applies to {' and '.join(DATA_AWARE_METHODS)}, not {method!r}: "
+            "drop it (--data-aware) or choose one of those methods"
+        )
+
+
 def fuse(model: PreTrainedModel, config: FusionConfig | None = None, *, source: str | None = None,
          metrics: dict[int, DataMetric] | None = None, progress: Progress | None = None) -> PreTrainedModel:
     """Return a fused copy of `model` (the input is left untouched).
@@ -99,11 +108,7 @@ def fuse(model: PreTrainedModel, config: FusionConfig | None = None, *, source: 
     weights = {i: mlps[i] for i in layers}
     new_width = {i: config.width_for(weights[i].width) for i in layers}
     if metrics is not None:
-        if config.method not in DATA_AWARE_METHODS:
-            raise InvalidConfigError(
-                f"data-aware clustering applies to {' and '.join(DATA_AWARE_METHODS)}, not {config.method!r}: "
-                "drop it or choose one of those methods"
-            )
+        check_data_aware_method(config.method)
         missing = [i for i in layers if i not in metrics]
         if missing:
             raise InvalidConfigError(f"data-aware clustering has no statistics for layer(s) {missing}: "
