@@ -15,6 +15,7 @@ are appended to .bench_cache/fidelity.jsonl.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import pathlib
@@ -48,9 +49,17 @@ def load_minilm():
     return AutoModel.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
 
 
+def code_fingerprint() -> str:
+    """A hash of the code that decides a data-free fused model, so a cached one never outlives it."""
+    h = hashlib.sha256()
+    for name in ("kmeans.py", "fusion.py", "fuse.py"):
+        h.update((ROOT / "hf_mlpfusion" / name).read_bytes())
+    return h.hexdigest()[:10]
+
+
 def fused_cached(model, method: str, layers: str, ratio: float, seed: int = 0):
-    """The data-free fused model, from .bench_cache/fused/ when it was built before."""
-    folder = CACHE / "fused" / f"{method}-{layers}-{ratio}-s{seed}"
+    """The data-free fused model, from .bench_cache/fused/ when the same code built it before."""
+    folder = CACHE / "fused" / f"{method}-{layers}-{ratio}-s{seed}-{code_fingerprint()}"
     cfg = FusionConfig(ratio=ratio, layers=layers, method=method, seed=seed, device="cpu")
     if (folder / "model.safetensors").exists():
         from hf_mlpfusion.evaluate import load_any
