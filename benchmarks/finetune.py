@@ -1,6 +1,8 @@
 """Fine-tuning, the paper's actual use: original vs fused vs pruned all-MiniLM-L6-v2 on real tweets.
 
     python benchmarks/finetune.py [--train 1600] [--test 1000] [--epochs 2] [--seeds 0]
+    python benchmarks/finetune.py --epochs 6 --seeds 0 1 2 3 4          # the longer budget (300 steps)
+    python benchmarks/finetune.py --models fusion-folded --epochs 6     # ablation: no separate counts
     python benchmarks/finetune.py --models original prune --load "fusion (calibrated)=DIR"
 
 `--load NAME=DIR` adds a body saved by `mlpfusion compress` (for example with `--layers 2-5
@@ -34,6 +36,9 @@ MODELS = [
     ("original", "original"),
     ("fusion (layers 2-5, 0.25)", "fusion"),
     ("prune (layers 2-5, 0.25)", "prune"),
+    # the same clusters with the counts folded into W2' (fold_scale=True): the same function before
+    # fine-tuning, but without the frozen count vector the paper uses to keep the NTK
+    ("fusion, counts folded into W2' (layers 2-5, 0.25)", "fusion-folded"),
     ("fusion + refit (layers 2-5, 0.25)", "fusion+refit"),
     ("prune + refit (layers 2-5, 0.25)", "prune+refit"),
     # calibrated on the seed's own training tweets (text only, no labels), as `compress --calibration
@@ -122,6 +127,9 @@ def main():
                 body = load_any(method[5:])
             elif method == "original":
                 body = load_minilm()[0]
+            elif method == "fusion-folded":
+                body = fuse(model, FusionConfig(ratio=0.25, layers="2-5", method="fusion", seed=0, device="cpu",
+                                                fold_scale=True))
             elif method.endswith("+task"):
                 texts = [t for t, _ in train]
                 base = method.split("+")[0]
