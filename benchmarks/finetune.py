@@ -3,6 +3,7 @@
     python benchmarks/finetune.py [--train 1600] [--test 1000] [--epochs 2] [--seeds 0]
     python benchmarks/finetune.py --epochs 6 --seeds 0 1 2 3 4          # the longer budget (300 steps)
     python benchmarks/finetune.py --models fusion-folded --epochs 6     # ablation: no separate counts
+    python benchmarks/finetune.py --models fusion --cluster-seed 1      # another k-means draw
     python benchmarks/finetune.py --models original prune --load "fusion (calibrated)=DIR"
 
 `--load NAME=DIR` adds a body saved by `mlpfusion compress` (for example with `--layers 2-5
@@ -111,6 +112,7 @@ def main():
     ap.add_argument("--models", nargs="*", default=["original", "fusion", "prune"],
                     choices=[m[1] for m in MODELS])
     ap.add_argument("--distill-steps", type=int, default=300, help="for the +task models")
+    ap.add_argument("--cluster-seed", type=int, default=0, help="k-means seed of the fused bodies")
     ap.add_argument("--load", nargs="*", default=[], metavar="NAME=DIR",
                     help="also fine-tune these saved bodies (folders written by mlpfusion compress)")
     args = ap.parse_args()
@@ -128,17 +130,17 @@ def main():
             elif method == "original":
                 body = load_minilm()[0]
             elif method == "fusion-folded":
-                body = fuse(model, FusionConfig(ratio=0.25, layers="2-5", method="fusion", seed=0, device="cpu",
+                body = fuse(model, FusionConfig(ratio=0.25, layers="2-5", method="fusion", seed=args.cluster_seed, device="cpu",
                                                 fold_scale=True))
             elif method.endswith("+task"):
                 texts = [t for t, _ in train]
                 base = method.split("+")[0]
                 metrics = data_metrics(model, [2, 3, 4, 5], texts, tok) if base == "fusion" else None
-                body = fuse(model, FusionConfig(ratio=0.25, layers="2-5", method=base, seed=0, device="cpu"),
+                body = fuse(model, FusionConfig(ratio=0.25, layers="2-5", method=base, seed=args.cluster_seed, device="cpu"),
                             metrics=metrics)
                 calibrate(model, body, texts, tok, refit=True, distill_steps=args.distill_steps)
             else:
-                body = fused_cached(model, method.split("+")[0], "2-5", 0.25)[0]
+                body = fused_cached(model, method.split("+")[0], "2-5", 0.25, seed=args.cluster_seed)[0]
             if method.endswith("+refit"):  # the calibration compress offers: refit on the built-in calibration text
                 calibrate(model, body, load_texts(None, split="calibration", limit=1024), tok, refit=True)
             prep_s = time.perf_counter() - t0
