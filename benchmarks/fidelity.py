@@ -50,10 +50,11 @@ def load_minilm():
 
 
 def code_fingerprint() -> str:
-    """A hash of the code that decides a data-free fused model, so a cached one never outlives it."""
+    """A hash of the package's code, so a cached fused model never outlives the code that made it
+    (clustering, weight reading and writing, saving all live in the package)."""
     h = hashlib.sha256()
-    for name in ("kmeans.py", "fusion.py", "fuse.py"):
-        h.update((ROOT / "hf_mlpfusion" / name).read_bytes())
+    for f in sorted((ROOT / "hf_mlpfusion").rglob("*.py")):
+        h.update(f.relative_to(ROOT).as_posix().encode() + b"\0" + f.read_bytes())
     return h.hexdigest()[:10]
 
 

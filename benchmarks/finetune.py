@@ -27,12 +27,13 @@ import torch
 from torch import nn
 
 from fidelity import CACHE, fused_cached, load_minilm, machine
-from hf_mlpfusion import FusionConfig, fuse
+from hf_mlpfusion import FusionConfig, fuse, parse_layers
 from hf_mlpfusion.calibrate import batches, calibrate, data_metrics
 from hf_mlpfusion.data import load_labelled_csv, load_texts
 from hf_mlpfusion.evaluate import evaluate, load_any
 
 
+LAYERS, RATIO = "2-5", 0.25  # the fused and pruned bodies
 MODELS = [
     ("original", "original"),
     ("fusion (layers 2-5, 0.25)", "fusion"),
@@ -120,6 +121,10 @@ def main():
     data = load_labelled_csv()
     model, tok = load_minilm()
     loaded = [tuple(item.split("=", 1)) for item in args.load]
+
+    def body_config(method, **kw):
+        return FusionConfig(ratio=RATIO, layers=LAYERS, method=method, seed=args.cluster_seed, device="cpu", **kw)
+
     rows = []
     for seed in args.seeds:
         train, test = split(data, args.train, args.test, seed)
@@ -130,17 +135,15 @@ def main():
             elif method == "original":
                 body = load_minilm()[0]
             elif method == "fusion-folded":
-                body = fuse(model, FusionConfig(ratio=0.25, layers="2-5", method="fusion", seed=args.cluster_seed, device="cpu",
-                                                fold_scale=True))
+                body = fuse(model, body_config("fusion", fold_scale=True))
             elif method.endswith("+task"):
                 texts = [t for t, _ in train]
                 base = method.split("+")[0]
-                metrics = data_metrics(model, [2, 3, 4, 5], texts, tok) if base == "fusion" else None
-                body = fuse(model, FusionConfig(ratio=0.25, layers="2-5", method=base, seed=args.cluster_seed, device="cpu"),
-                            metrics=metrics)
+                metrics = data_metrics(model, parse_layers(LAYERS), texts, tok) if base == "fusion" else None
+                body = fuse(model, body_config(base), metrics=metrics)
                 calibrate(model, body, texts, tok, refit=True, distill_steps=args.distill_steps)
             else:
-                body = fused_cached(model, method.split("+")[0], "2-5", 0.25, seed=args.cluster_seed)[0]
+                body = fused_cached(model, method.split("+")[0], LAYERS, RATIO, seed=args.cluster_seed)[0]
             if method.endswith("+refit"):  # the calibration compress offers: refit on the built-in calibration text
                 calibrate(model, body, load_texts(None, split="calibration", limit=1024), tok, refit=True)
             prep_s = time.perf_counter() - t0
