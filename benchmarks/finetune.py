@@ -3,7 +3,7 @@
     python benchmarks/finetune.py [--train 1600] [--test 1000] [--epochs 2] [--seeds 0]
     python benchmarks/finetune.py --epochs 6 --seeds 0 1 2 3 4          # the longer budget (300 steps)
     python benchmarks/finetune.py --models fusion-folded --epochs 6     # ablation: no separate counts
-    python benchmarks/finetune.py --models fusion --cluster-seed 1      # another k-means draw
+    python benchmarks/finetune.py --models fusion --cluster-seeds 0 1 2 3 4   # average k-means draws
     python benchmarks/finetune.py --models original prune --load "fusion (calibrated)=DIR"
 
 `--load NAME=DIR` adds a body saved by `mlpfusion compress` (for example with `--layers 2-5
@@ -113,7 +113,8 @@ def main():
     ap.add_argument("--models", nargs="*", default=["original", "fusion", "prune"],
                     choices=[m[1] for m in MODELS])
     ap.add_argument("--distill-steps", type=int, default=300, help="for the +task models")
-    ap.add_argument("--cluster-seed", type=int, default=0, help="k-means seed of the fused bodies")
+    ap.add_argument("--cluster-seeds", "--cluster-seed", dest="cluster_seeds", type=int, nargs="+", default=[0],
+                    help="k-means seeds of the fused bodies: each fusion model is fine-tuned once per draw")
     ap.add_argument("--load", nargs="*", default=[], metavar="NAME=DIR",
                     help="also fine-tune these saved bodies (folders written by mlpfusion compress)")
     args = ap.parse_args()
@@ -122,28 +123,35 @@ def main():
     model, tok = load_minilm()
     loaded = [tuple(item.split("=", 1)) for item in args.load]
 
-    def body_config(method, **kw):
-        return FusionConfig(ratio=RATIO, layers=LAYERS, method=method, seed=args.cluster_seed, device="cpu", **kw)
+    def body_config(method, cluster_seed, **kw):
+        return FusionConfig(ratio=RATIO, layers=LAYERS, method=method, seed=cluster_seed, device="cpu", **kw)
+
+    def runs():  # (name, method, k-means seed or None): only the fusion bodies depend on the draw
+        for name, method in [m for m in MODELS if m[1] in args.models]:
+            for cs in args.cluster_seeds if method.startswith("fusion") else [None]:
+                yield name, method, cs
+        for n, d in loaded:
+            yield n, "load:" + d, None
 
     rows = []
     for seed in args.seeds:
         train, test = split(data, args.train, args.test, seed)
-        for name, method in [m for m in MODELS if m[1] in args.models] + [(n, "load:" + d) for n, d in loaded]:
+        for name, method, cs in runs():
             t0 = time.perf_counter()
             if method.startswith("load:"):
                 body = load_any(method[5:])
             elif method == "original":
                 body = load_minilm()[0]
             elif method == "fusion-folded":
-                body = fuse(model, body_config("fusion", fold_scale=True))
+                body = fuse(model, body_config("fusion", cs, fold_scale=True))
             elif method.endswith("+task"):
                 texts = [t for t, _ in train]
                 base = method.split("+")[0]
                 metrics = data_metrics(model, parse_layers(LAYERS), texts, tok) if base == "fusion" else None
-                body = fuse(model, body_config(base), metrics=metrics)
+                body = fuse(model, body_config(base, cs if cs is not None else 0), metrics=metrics)
                 calibrate(model, body, texts, tok, refit=True, distill_steps=args.distill_steps)
             else:
-                body = fused_cached(model, method.split("+")[0], LAYERS, RATIO, seed=args.cluster_seed)[0]
+                body = fused_cached(model, method.split("+")[0], LAYERS, RATIO, seed=cs if cs is not None else 0)[0]
             if method.endswith("+refit"):  # the calibration compress offers: refit on the built-in calibration text
                 calibrate(model, body, load_texts(None, split="calibration", limit=1024), tok, refit=True)
             prep_s = time.perf_counter() - t0
@@ -152,18 +160,22 @@ def main():
             cos = None if method == "original" else evaluate(model, body, [t for t, _ in test[:400]], tok, samples=400,
                                                              ntk_examples=0, latency_repeats=0).cosine_mean
             acc, secs = run_one(body, tok, train, test, epochs=args.epochs, lr=args.lr, seed=seed)
-            row = {"model": name, "seed": seed, "accuracy": acc, "train_s": secs, "params": params,
+            row = {"model": name, "seed": seed, "cluster_seed": cs, "accuracy": acc, "train_s": secs, "params": params,
                    "prep_s": prep_s, "cosine_on_test_tweets": cos}
             rows.append(row)
             print(json.dumps(row), flush=True)
             with open(CACHE / "finetune.jsonl", "a") as fh:
                 fh.write(json.dumps({**row, "machine": machine(), "args": vars(args)}) + "\n")
     print(f"\nmachine: {machine()}; train {args.train} / test {args.test} balanced tweets, {args.epochs} epochs, seeds {args.seeds}\n")
-    print("| model | parameters | test accuracy (%) | training time (s) |\n|---|---|---|---|")
+    print("| model | parameters | runs | test accuracy (%) | spread of the k-means draws' means | training time (s) |")
+    print("|---|---|---|---|---|---|")
     for name in dict.fromkeys(r["model"] for r in rows):
         rs = [r for r in rows if r["model"] == name]
-        print(f"| {name} | {rs[0]['params']:,} | {statistics.fmean(r['accuracy'] for r in rs):.2f} | "
-              f"{statistics.fmean(r['train_s'] for r in rs):.0f} |")
+        draws = sorted({r["cluster_seed"] for r in rs if r["cluster_seed"] is not None})
+        means = [statistics.fmean(r["accuracy"] for r in rs if r["cluster_seed"] == d) for d in draws]
+        spread = f"{min(means):.2f} - {max(means):.2f} ({len(draws)} draws)" if len(draws) > 1 else ""
+        print(f"| {name} | {rs[0]['params']:,} | {len(rs)} | {statistics.fmean(r['accuracy'] for r in rs):.2f} | "
+              f"{spread} | {statistics.fmean(r['train_s'] for r in rs):.0f} |")
 
 
 if __name__ == "__main__":
