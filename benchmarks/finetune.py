@@ -137,6 +137,7 @@ def main():
     for seed in args.seeds:
         train, test = split(data, args.train, args.test, seed)
         for name, method, cs in runs():
+            kseed = 0 if cs is None else cs  # pruning does not draw, but the cache key wants a seed
             t0 = time.perf_counter()
             if method.startswith("load:"):
                 body = load_any(method[5:])
@@ -148,10 +149,10 @@ def main():
                 texts = [t for t, _ in train]
                 base = method.split("+")[0]
                 metrics = data_metrics(model, parse_layers(LAYERS), texts, tok) if base == "fusion" else None
-                body = fuse(model, body_config(base, cs if cs is not None else 0), metrics=metrics)
+                body = fuse(model, body_config(base, kseed), metrics=metrics)
                 calibrate(model, body, texts, tok, refit=True, distill_steps=args.distill_steps)
             else:
-                body = fused_cached(model, method.split("+")[0], LAYERS, RATIO, seed=cs if cs is not None else 0)[0]
+                body = fused_cached(model, method.split("+")[0], LAYERS, RATIO, seed=kseed)[0]
             if method.endswith("+refit"):  # the calibration compress offers: refit on the built-in calibration text
                 calibrate(model, body, load_texts(None, split="calibration", limit=1024), tok, refit=True)
             prep_s = time.perf_counter() - t0
