@@ -136,6 +136,8 @@ def main():
     rows = []
     for seed in args.seeds:
         train, test = split(data, args.train, args.test, seed)
+        texts = [t for t, _ in train]  # the +task calibration text: the seed's training tweets, no labels
+        task_metrics = None  # data-aware statistics on them, shared by every k-means draw of this seed
         for name, method, cs in runs():
             kseed = 0 if cs is None else cs  # pruning does not draw, but the cache key wants a seed
             t0 = time.perf_counter()
@@ -144,12 +146,12 @@ def main():
             elif method == "original":
                 body = load_minilm()[0]
             elif method == "fusion-folded":
-                body = fuse(model, body_config("fusion", cs, fold_scale=True))
+                body = fuse(model, body_config("fusion", kseed, fold_scale=True))
             elif method.endswith("+task"):
-                texts = [t for t, _ in train]
                 base = method.split("+")[0]
-                metrics = data_metrics(model, parse_layers(LAYERS), texts, tok) if base == "fusion" else None
-                body = fuse(model, body_config(base, kseed), metrics=metrics)
+                if base == "fusion" and task_metrics is None:
+                    task_metrics = data_metrics(model, parse_layers(LAYERS), texts, tok)
+                body = fuse(model, body_config(base, kseed), metrics=task_metrics if base == "fusion" else None)
                 calibrate(model, body, texts, tok, refit=True, distill_steps=args.distill_steps)
             else:
                 body = fused_cached(model, method.split("+")[0], LAYERS, RATIO, seed=kseed)[0]
