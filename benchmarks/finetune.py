@@ -4,6 +4,7 @@
     python benchmarks/finetune.py --epochs 6 --seeds 0 1 2 3 4          # the longer budget (300 steps)
     python benchmarks/finetune.py --models fusion-folded --epochs 6     # ablation: no separate counts
     python benchmarks/finetune.py --models fusion --cluster-seeds 0 1 2 3 4   # average k-means draws
+    python benchmarks/finetune.py --train 8000 --test 2000 --models fusion prune --seeds 0 1 2 3 4  # more data
     python benchmarks/finetune.py --models original prune --load "fusion (calibrated)=DIR"
 
 `--load NAME=DIR` adds a body saved by `mlpfusion compress` (for example with `--layers 2-5
