@@ -6,6 +6,7 @@
     python benchmarks/finetune.py --models fusion --cluster-seeds 0 1 2 3 4   # average k-means draws
     python benchmarks/finetune.py --train 8000 --test 2000 --models fusion prune --seeds 0 1 2 3 4  # more data
     python benchmarks/finetune.py --models original prune --load "fusion (calibrated)=DIR"
+    python benchmarks/finetune.py --train 8000 --test 2000 --models fusion prune --recipe paper  # the paper's optimiser
 
 `--load NAME=DIR` adds a body saved by `mlpfusion compress` (for example with `--layers 2-5
 --calibration builtin --distill-steps 300`); it is fine-tuned exactly like the others.
@@ -15,6 +16,8 @@ a balanced random train set and a disjoint balanced test set (seeded). Models: t
 paper's fusion and magnitude pruning, both on layers 2-5 at ratio 0.25 (data-free; fusion keeps
 its frozen count vectors), each with a linear head on the mean-pooled last hidden state. Same
 budget for all: AdamW lr 5e-5, batch 32, max 64 tokens, the same seeds and example order. CPU.
+`--recipe paper` swaps the constant-lr AdamW for the reference code's GLUE optimiser (warm-up,
+polynomial decay, betas (0.9, 0.98), eps 1e-6, weight decay 0.1).
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ import time
 
 import torch
 from torch import nn
+from transformers import get_polynomial_decay_schedule_with_warmup
 
 from fidelity import CACHE, fused_cached, load_minilm, machine
 from hf_mlpfusion import FusionConfig, fuse, parse_layers
@@ -75,10 +79,31 @@ class Classifier(nn.Module):
         return self.head((h * m).sum(1) / m.sum(1))
 
 
-def run_one(body, tok, train, test, *, epochs, lr, seed, batch_size=32):
+def optimizer(clf, *, lr, recipe, steps):
+    """The optimiser and learning-rate schedule of a recipe.
+
+    plain: AdamW at a constant lr (torch defaults). paper: the reference code's GLUE recipe
+    (scripts/run_glue.sh): AdamW with betas (0.9, 0.98), eps 1e-6, weight decay 0.1 (not on biases
+    and LayerNorm weights, as transformers' Trainer does), 6% linear warm-up, then polynomial
+    (power 1) decay.
+    """
+    params = [(n, p) for n, p in clf.named_parameters() if p.requires_grad]
+    if recipe == "plain":
+        return torch.optim.AdamW([p for _, p in params], lr=lr), None
+    no_decay = [p for n, p in params if n.endswith("bias") or "LayerNorm" in n]
+    decay = [p for n, p in params if not (n.endswith("bias") or "LayerNorm" in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=lr, betas=(0.9, 0.98), eps=1e-6)
+    sched = get_polynomial_decay_schedule_with_warmup(opt, num_warmup_steps=round(0.06 * steps),
+                                                      num_training_steps=steps)
+    return opt, sched
+
+
+def run_one(body, tok, train, test, *, epochs, lr, seed, batch_size=32, recipe="plain"):
     torch.manual_seed(seed)
     clf = Classifier(body, body.config.hidden_size)
-    opt = torch.optim.AdamW([p for p in clf.parameters() if p.requires_grad], lr=lr)
+    steps = epochs * -(-len(train) // batch_size)
+    opt, sched = optimizer(clf, lr=lr, recipe=recipe, steps=steps)
     clf.train()
     t0 = time.perf_counter()
     rng = random.Random(seed)
@@ -92,6 +117,8 @@ def run_one(body, tok, train, test, *, epochs, lr, seed, batch_size=32):
             opt.zero_grad()
             loss.backward()
             opt.step()
+            if sched is not None:
+                sched.step()
     train_s = time.perf_counter() - t0
     clf.eval()
     correct = 0
@@ -110,6 +137,8 @@ def main():
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--lr", type=float, default=5e-5)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--recipe", choices=["plain", "paper"], default="plain",
+                    help="plain: constant-lr AdamW; paper: the reference code's warm-up, decay, betas and weight decay")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--models", nargs="*", default=["original", "fusion", "prune"],
                     choices=[m[1] for m in MODELS])
@@ -163,14 +192,15 @@ def main():
             # fidelity before fine-tuning, on 400 test tweets (text only)
             cos = None if method == "original" else evaluate(model, body, [t for t, _ in test[:400]], tok, samples=400,
                                                              ntk_examples=0, latency_repeats=0).cosine_mean
-            acc, secs = run_one(body, tok, train, test, epochs=args.epochs, lr=args.lr, seed=seed)
+            acc, secs = run_one(body, tok, train, test, epochs=args.epochs, lr=args.lr, seed=seed,
+                                 recipe=args.recipe)
             row = {"model": name, "seed": seed, "cluster_seed": cs, "accuracy": acc, "train_s": secs, "params": params,
                    "prep_s": prep_s, "cosine_on_test_tweets": cos}
             rows.append(row)
             print(json.dumps(row), flush=True)
             with open(CACHE / "finetune.jsonl", "a") as fh:
                 fh.write(json.dumps({**row, "machine": machine(), "args": vars(args)}) + "\n")
-    print(f"\nmachine: {machine()}; train {args.train} / test {args.test} balanced tweets, {args.epochs} epochs, seeds {args.seeds}\n")
+    print(f"\nmachine: {machine()}; train {args.train} / test {args.test} balanced tweets, {args.epochs} epochs, {args.recipe} recipe, lr {args.lr}, seeds {args.seeds}\n")
     print("| model | parameters | runs | test accuracy (%) | spread of the k-means draws' means | training time (s) |")
     print("|---|---|---|---|---|---|")
     for name in dict.fromkeys(r["model"] for r in rows):
