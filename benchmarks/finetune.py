@@ -90,9 +90,10 @@ def optimizer(clf, *, lr, recipe, steps):
     params = [(n, p) for n, p in clf.named_parameters() if p.requires_grad]
     if recipe == "plain":
         return torch.optim.AdamW([p for _, p in params], lr=lr), None
-    no_decay = [p for n, p in params if n.endswith("bias") or "LayerNorm" in n]
-    decay = [p for n, p in params if not (n.endswith("bias") or "LayerNorm" in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+    groups = {0.1: [], 0.0: []}  # weight decay -> parameters
+    for n, p in params:
+        groups[0.0 if n.endswith("bias") or "LayerNorm" in n else 0.1].append(p)
+    opt = torch.optim.AdamW([{"params": ps, "weight_decay": wd} for wd, ps in groups.items()],
                             lr=lr, betas=(0.9, 0.98), eps=1e-6)
     sched = get_polynomial_decay_schedule_with_warmup(opt, num_warmup_steps=round(0.06 * steps),
                                                       num_training_steps=steps)
