@@ -20,7 +20,6 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 WORKDIR /opt/hf-mlpfusion
 COPY pyproject.toml README.md ./
 COPY hf_mlpfusion ./hf_mlpfusion
-COPY cli ./cli
 COPY model_cards ./model_cards
 RUN python -m pip install . \
     && python -c "import torch, hf_mlpfusion.cli.main; print('torch', torch.__version__, 'cuda', torch.version.cuda)" \

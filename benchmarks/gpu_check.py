@@ -23,7 +23,7 @@ def main() -> int:
     sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1] / "tests"))
     import tiny
     from hf_mlpfusion import FusionConfig, fuse
-    from hf_mlpfusion.kmeans import kmeans
+    from hf_mlpfusion.core.kmeans import kmeans
 
     print(torch.cuda.get_device_name(0), torch.__version__)
     x = torch.randn(3, 300, 40, generator=torch.Generator().manual_seed(0))

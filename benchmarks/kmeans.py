@@ -1,4 +1,4 @@
-"""Benchmark hf_mlpfusion.kmeans against scikit-learn, faiss and fast-pytorch-kmeans.
+"""Benchmark hf_mlpfusion.core.kmeans against scikit-learn, faiss and fast-pytorch-kmeans.
 
     python benchmarks/kmeans.py                 # both problems, prints one table
     python benchmarks/kmeans.py --problem minilm
@@ -119,7 +119,7 @@ def _inertia_of(x: torch.Tensor, labels: torch.Tensor, k: int) -> float:
 
 
 def ours(x: torch.Tensor, k: int, **kw) -> float:
-    from hf_mlpfusion.kmeans import kmeans
+    from hf_mlpfusion.core.kmeans import kmeans
 
     return float(kmeans(x, k, device="cpu", **kw).inertia.sum())
 
@@ -139,7 +139,7 @@ def main(argv=None) -> None:
     ap.add_argument("--sklearn30-roberta", action="store_true",
                     help="also run (and cache) scikit-learn n_init=30 on the RoBERTa problem")
     args = ap.parse_args(argv)
-    from hf_mlpfusion import kmeans as km
+    from hf_mlpfusion.core import kmeans as km
 
     print(f"machine: {machine()}")
     names = ["minilm", "roberta"] if args.problem == "both" else [args.problem]

@@ -178,7 +178,7 @@ def fuse(model: PreTrainedModel, config: FusionConfig | None = None, *, source: 
 
 
 def _resolved_kmeans_options(config: FusionConfig) -> dict:
-    from . import kmeans as km
+    from .core import kmeans as km
 
     opts = config.kmeans_options()
     return {

@@ -16,7 +16,7 @@ from typing import Callable
 
 import torch
 
-from .kmeans import cluster_means, kmeans
+from .core.kmeans import cluster_means, kmeans
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Tests for hf_mlpfusion.kmeans: correctness, edge cases, determinism, memory bound."""
+"""Tests for hf_mlpfusion.core.kmeans: correctness, edge cases, determinism, memory bound."""
 from __future__ import annotations
 
 import json
@@ -9,8 +9,8 @@ import textwrap
 import pytest
 import torch
 
-import hf_mlpfusion.kmeans as km
-from hf_mlpfusion.kmeans import KMeansResult, kmeans
+import hf_mlpfusion.core.kmeans as km
+from hf_mlpfusion.core.kmeans import KMeansResult, kmeans
 
 
 @pytest.fixture(autouse=True)
@@ -268,7 +268,7 @@ def test_problems_are_grouped_under_the_budget(monkeypatch):
 _MEMORY_SCRIPT = textwrap.dedent(
     """
     import json, resource, sys, torch
-    import hf_mlpfusion.kmeans as km
+    import hf_mlpfusion.core.kmeans as km
     B, n, dim, k = 6, 1024, 384, 256
     x = torch.randn(B, n, dim)
     km.kmeans(torch.randn(2, 64, 8), 16)  # warm up the allocator and the kernels

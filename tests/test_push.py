@@ -37,11 +37,7 @@ from hf_mlpfusion.hub import (
     write_model_card,
 )
 
-try:
-    from hf_mlpfusion.cli.push import push as push_command
-except ImportError:  # package not installed: cli/ is only mapped to hf_mlpfusion.cli at install time
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from cli.push import push as push_command
+from hf_mlpfusion.cli.push import push as push_command
 
 REPO = "my-org/tiny-mlpfusion"
 
@@ -359,4 +355,4 @@ def test_dockerfile_copies_what_the_package_needs_and_runs_mlpfusion():
     import tomllib
 
     packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
-    assert set(packages.values()) <= set(copied)  # cli/ and model_cards/ are mapped into the package
+    assert set(packages.values()) <= set(copied)  # model_cards/ is mapped into the package
