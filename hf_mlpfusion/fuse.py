@@ -1,9 +1,10 @@
 """`fuse(model, FusionConfig(...))`: one verb over an in-memory model (no files involved).
 
-plan (which layers, which widths) -> gather every selected MLP -> reduce all layers of the same
-shape in one batched call -> build the fused model (custom classes with per-layer widths and frozen
-count buffers, or a stock class when the result has one width and no count vector).
-The input model is not modified: the result is a new model that owns copies of the weights.
+plan (which layers, which widths) -> read every selected MLP through the model's family -> reduce
+all layers of one shape in one batched call of the method -> build the fused model (the generic
+fused classes with per-layer widths and frozen count modules, or the stock class when the result
+has one width and no count vector). The input model is not modified: the result is a new model
+that owns copies of the weights.
 """
 
 from __future__ import annotations
@@ -16,11 +17,12 @@ import torch
 from transformers import PreTrainedModel
 
 from . import __version__, modeling
-from .architectures import get_adapter, head_name
-from .architectures.base import MLPWeights
 from .config import FusionConfig
+from .core.metric import DataMetric, stack_metrics
+from .core.mlp import MLPTensors, scale_output, stack
 from .errors import InvalidConfigError, UnsupportedArchitectureError
-from .fusion import DATA_AWARE_METHODS, METHODS, DataMetric, ReducedMLPs, fold_counts
+from .families import Family, family_for, fused_model_type, head_name, stock_type
+from .methods import DATA_AWARE_METHODS, METHODS, Reduction
 
 Progress = Callable[[str], None]
 
@@ -41,36 +43,26 @@ def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _qualified_names(model: torch.nn.Module) -> dict[int, str]:
-    return {id(m): name for name, m in model.named_modules()}
-
-
-def reduce_layers(weights: dict[int, MLPWeights], widths: dict[int, int], config: FusionConfig,
-                  metrics: dict[int, DataMetric] | None = None) -> dict[int, ReducedMLPs]:
-    """Reduce every selected MLP; layers of the same (p, d, k) shape go through one batched call."""
+def reduce_layers(weights: dict[int, MLPTensors], widths: dict[int, int], config: FusionConfig,
+                  metrics: dict[int, DataMetric] | None = None) -> dict[int, Reduction]:
+    """Reduce every selected MLP; layers of the same shape and new width go through one batched call."""
     groups: dict[tuple, list[int]] = defaultdict(list)
     for i, w in weights.items():
-        groups[(tuple(w.w1.shape), widths[i])].append(i)
+        groups[(tuple(w.ins[0].shape[1:]), widths[i])].append(i)
     method = METHODS[config.method]
     device = resolve_device(config.device)
-    out: dict[int, ReducedMLPs] = {}
+    out: dict[int, Reduction] = {}
     for (_, k), idx in sorted(groups.items()):
-        w1 = torch.stack([weights[i].w1.detach().float() for i in idx])
-        b1 = torch.stack([weights[i].b1.detach().float() for i in idx])
-        w2 = torch.stack([weights[i].w2.detach().float() for i in idx])
+        mlps = stack([weights[i].map(lambda t: t.detach().float()) for i in idx])
         kwargs = dict(config.extra)
         if metrics is not None:
-            kwargs["metric"] = DataMetric(torch.stack([metrics[i].chol for i in idx]),
-                                          torch.stack([metrics[i].w1_scale.reshape(()) for i in idx]),
-                                          torch.stack([metrics[i].w2_scale.reshape(()) for i in idx]))
-        red = method(w1, b1, w2, k, seed=config.seed, device=device, kmeans_options=config.kmeans_options(), **kwargs)
-        if config.fold_scale:
-            red = fold_counts(red)
+            kwargs["metric"] = stack_metrics([metrics[i] for i in idx])
+        red = method.reduce(mlps, k, seed=config.seed, device=device, kmeans_options=config.kmeans_options(), **kwargs)
+        if config.fold_scale and red.counts is not None:
+            red = Reduction(scale_output(red.mlps, red.counts), None, red.inertia, red.labels)
         for j, i in enumerate(idx):
-            out[i] = ReducedMLPs(
-                red.w1[j],
-                red.b1[j],
-                red.w2[j],
+            out[i] = Reduction(
+                red.mlps.map(lambda t, j=j: t[j : j + 1]),
                 None if red.counts is None else red.counts[j],
                 None if red.inertia is None else red.inertia[j],
                 None if red.labels is None else red.labels[j],
@@ -97,13 +89,14 @@ def fuse(model: PreTrainedModel, config: FusionConfig | None = None, *, source: 
     """
     config = config or FusionConfig()
     say = progress or (lambda msg: None)
-    adapter = get_adapter(getattr(model.config, "model_type", None))
+    model_type = getattr(model.config, "model_type", None)
+    family = family_for(model_type, fused_ok=False)
     stock_head = type(model).__name__
-    head_name(adapter, [stock_head])  # raises with the list of supported heads
-    num_layers = adapter.num_layers(model.config)
+    head_name(model_type, [stock_head])  # raises with the list of supported heads
+    num_layers = family.num_layers(model.config)
     layers = config.resolve_layers(num_layers)
-    blocks = adapter.blocks(model)
-    mlps = [adapter.read(b) for b in blocks]
+    blocks = family.block_list(model)
+    mlps = [family.read(b) for b in blocks]
     widths_before = [w.width for w in mlps]
     weights = {i: mlps[i] for i in layers}
     new_width = {i: config.width_for(weights[i].width) for i in layers}
@@ -143,21 +136,36 @@ def fuse(model: PreTrainedModel, config: FusionConfig | None = None, *, source: 
         meta["options"] = {k: v for k, v in config.extra.items() if isinstance(v, (int, float, str, bool))}
 
     say("building the fused model")
+    fused = build_fused(model, family, {i: r for i, r in reduced.items()}, widths_after, count_layers, meta,
+                        stock=stock)
+    meta["num_parameters_after"] = count_parameters(fused)
+    fused.config.mlpfusion = meta
+    return fused
+
+
+def fused_config(model: PreTrainedModel, family: Family, widths_after: list[int], count_layers: list[int],
+                 meta: dict, *, stock: bool):
+    """The config of the fused model: the stock one at one width, or the fused type with per-layer widths."""
     base = model.config.to_dict()
     for key in ("model_type", "architectures", "auto_map", "transformers_version", "_name_or_path",
-                "intermediate_sizes", "count_layers", "mlpfusion"):
+                "intermediate_sizes", "count_layers", "mlpfusion", "mlp_layout"):
         base.pop(key, None)
-    base.update(adapter.stock_width_update(max(widths_after)))
+    base.update(family.stock_width_update(max(widths_after)))
     if stock:
         new_config = type(model.config)(**base)
-        cls = type(model)
     else:
-        cfg_cls = modeling.config_class(adapter.fused_model_type)
-        new_config = cfg_cls(**base, intermediate_sizes=widths_after, count_layers=count_layers)
-        cls = modeling.model_class(adapter.fused_model_type, adapter.fused_class_name(stock_head))
+        cfg_cls = modeling.config_class_for(stock_type(model.config.model_type))
+        new_config = cfg_cls(**base, intermediate_sizes=widths_after, count_layers=count_layers,
+                             mlp_layout=family.layout())
     new_config.mlpfusion = meta
+    return new_config
 
-    state = _fused_state_dict(model, adapter, blocks, reduced)
+
+def build_fused(model: PreTrainedModel, family: Family, reduced: dict[int, Reduction], widths_after: list[int],
+                count_layers: list[int], meta: dict, *, stock: bool) -> PreTrainedModel:
+    new_config = fused_config(model, family, widths_after, count_layers, meta, stock=stock)
+    cls = type(model) if stock else modeling.model_class_for(type(model).__name__)
+    state = _fused_state_dict(model, family, reduced)
     with torch.device("meta"):
         fused = cls(new_config)
     result = fused.load_state_dict(state, strict=False, assign=True)
@@ -172,8 +180,6 @@ def fuse(model: PreTrainedModel, config: FusionConfig | None = None, *, source: 
     if getattr(model, "generation_config", None) is not None and getattr(fused, "generation_config", None) is not None:
         fused.generation_config = copy.deepcopy(model.generation_config)
     fused.train(model.training)
-    meta["num_parameters_after"] = count_parameters(fused)
-    fused.config.mlpfusion = meta
     return fused
 
 
@@ -189,23 +195,17 @@ def _resolved_kmeans_options(config: FusionConfig) -> dict:
     }
 
 
-def _fused_state_dict(model, adapter, blocks, reduced: dict[int, ReducedMLPs]) -> dict[str, torch.Tensor]:
-    names = _qualified_names(model)
+def _fused_state_dict(model, family: Family, reduced: dict[int, Reduction]) -> dict[str, torch.Tensor]:
+    names = {id(m): name for name, m in model.named_modules()}
+    blocks = family.block_list(model)
     replaced: dict[str, torch.Tensor] = {}
     for i, red in reduced.items():
-        fc1, fc2 = adapter.mlp_modules(blocks[i])
-        dtype, dev = fc1.weight.dtype, fc1.weight.device
-        b2 = fc2.bias.detach() if fc2.bias is not None else None
-        w = MLPWeights(red.w1.to(dev, dtype), red.b1.to(dev, dtype), red.w2.to(dev, dtype), b2)
-        t1, tb1, t2, tb2 = adapter.tensors(w)
-        n1, n2 = names[id(fc1)], names[id(fc2)]
-        replaced[f"{n1}.weight"] = t1.contiguous()
-        replaced[f"{n1}.bias"] = tb1.contiguous()
-        replaced[f"{n2}.weight"] = t2.contiguous()
-        if tb2 is not None:
-            replaced[f"{n2}.bias"] = tb2.clone()
-        if red.counts is not None:
-            replaced[f"{n2}.counts"] = red.counts.to(dev, dtype).contiguous()
+        block = blocks[i]
+        ins, _ = family.projections(block)
+        dtype, dev = ins[0].weight.dtype, ins[0].weight.device
+        mlp = red.mlps.map(lambda t: t.to(dev, dtype))
+        counts = None if red.counts is None else red.counts.to(dev, dtype)
+        replaced.update(family.state_entries(names[id(block)], block, mlp, counts, family.output_bias(block)))
     state = {}
     for key, value in model.state_dict().items():
         state[key] = replaced[key] if key in replaced else value.detach().clone()
@@ -229,3 +229,6 @@ def _check_materialised(model: torch.nn.Module) -> None:
         raise UnsupportedArchitectureError(
             f"internal error: {len(left)} tensors were not filled ({left[:3]}); please report this"
         )
+
+
+__all__ = ["fuse", "fused_model_type", "reduce_layers", "resolve_device"]

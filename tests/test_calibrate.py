@@ -15,7 +15,8 @@ from safetensors.torch import save_file
 import hf_mlpfusion  # noqa: F401
 import tiny
 from hf_mlpfusion import FusionConfig, fuse
-from hf_mlpfusion.calibrate import adapter_for, calibrate, capture_mlp_inputs, batches, mlp_apply
+from hf_mlpfusion.calibrate import calibrate, capture_mlp_inputs, batches, mlp_apply
+from hf_mlpfusion.families import family_of
 from hf_mlpfusion.compress import save_fused
 from hf_mlpfusion.data import load_texts
 from test_evaluate import tiny_tokenizer
@@ -34,14 +35,14 @@ def tok(tmp_path_factory):
 def layer_errors(original, fused, texts, tok) -> dict[int, float]:
     """Independent measure: relative squared error of each fused MLP against the original's on the
     inputs the fused model itself produces."""
-    ao, af = adapter_for(original), adapter_for(fused)
+    ao, af = family_of(original), family_of(fused)
     enc = list(batches(texts, tok, max_length=128, batch_size=16, model=fused))
     out = {}
     for i in fused.config.mlpfusion["layers"]:
         x = capture_mlp_inputs(fused, i, enc)
         with torch.no_grad():
-            y = mlp_apply(ao, ao.blocks(original)[i], x)
-            yf = mlp_apply(af, af.blocks(fused)[i], x)
+            y = mlp_apply(ao, ao.block_list(original)[i], x)
+            yf = mlp_apply(af, af.block_list(fused)[i], x)
         out[i] = float((yf - y).pow(2).sum() / y.pow(2).sum())
     return out
 
@@ -199,15 +200,15 @@ def _residual_sum_errors(original, fused, texts, tok) -> dict[int, float]:
     fused model against the original's at the same tokens, relative to the target's size."""
     from hf_mlpfusion.calibrate import capture_mlp_and_residual
 
-    ao, af = adapter_for(original), adapter_for(fused)
+    ao, af = family_of(original), family_of(fused)
     enc = list(batches(texts, tok, max_length=128, batch_size=16, model=fused))
     out = {}
     for i in fused.config.mlpfusion["layers"]:
         xf, rf = capture_mlp_and_residual(fused, i, enc)
         xo, ro = capture_mlp_and_residual(original, i, enc)
         with torch.no_grad():
-            want = mlp_apply(ao, ao.blocks(original)[i], xo) + ro
-            got = mlp_apply(af, af.blocks(fused)[i], xf) + rf
+            want = mlp_apply(ao, ao.block_list(original)[i], xo) + ro
+            got = mlp_apply(af, af.block_list(fused)[i], xf) + rf
         out[i] = float((got - want).pow(2).sum() / (want - rf).pow(2).sum())
     return out
 
@@ -243,16 +244,16 @@ def test_weighted_refit_is_the_minimum_of_the_weighted_error(tok):
 
     m = tiny.model("bert", "BertModel", layers=2)
     fused = fuse(m, FusionConfig(ratio=0.25, layers=[1], seed=0))
-    ao, af = adapter_for(m), adapter_for(fused)
+    ao, af = family_of(m), family_of(fused)
     enc = list(batches(CAL, tok, max_length=128, batch_size=16, model=fused))
     x = capture_mlp_inputs(fused, 1, enc)
     with torch.no_grad():
-        y = mlp_apply(ao, ao.blocks(m)[1], x)
+        y = mlp_apply(ao, ao.block_list(m)[1], x)
     w = torch.rand(x.shape[0], generator=torch.Generator().manual_seed(0)) ** 4 * 4
     results = {}
     for name, weights in (("uniform", None), ("weighted", w)):
         f = fuse(m, FusionConfig(ratio=0.25, layers=[1], seed=0))
-        block = af.blocks(f)[1]
+        block = af.block_list(f)[1]
         refit_layer(af, block, x, y, w=weights)
         results[name] = (_sq_error(af, block, x, y), _sq_error(af, block, x, y, w))
     assert results["weighted"][1] < results["uniform"][1]
@@ -269,13 +270,13 @@ def test_token_weighted_calibration_reports_the_weighted_error_it_lowers(tok):
     assert summary["weighting"] == "token"
     (e,) = summary["layers"]
     assert e["error_after"] < e["error_before"]
-    ao, af = adapter_for(m), adapter_for(fused)
+    ao, af = family_of(m), family_of(fused)
     enc = list(batches(CAL, tok, max_length=128, batch_size=16, model=fused))
     xf, rf = capture_mlp_and_residual(fused, 1, enc)
     xo, ro = capture_mlp_and_residual(m, 1, enc)
     with torch.no_grad():
-        want = mlp_apply(ao, ao.blocks(m)[1], xo) + ro
-        got = mlp_apply(af, af.blocks(fused)[1], xf) + rf
+        want = mlp_apply(ao, ao.block_list(m)[1], xo) + ro
+        got = mlp_apply(af, af.block_list(fused)[1], xf) + rf
     w = token_weights(want).double()
     measured = float((w[:, None] * (got - want).double().pow(2)).sum() / (w[:, None] * (want - rf).double().pow(2)).sum())
     assert measured == pytest.approx(e["error_after"], rel=1e-3)

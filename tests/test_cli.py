@@ -45,7 +45,7 @@ def test_compress_prints_table_and_writes_a_checkpoint(bert_dir, tmp_path):
         assert needle in result.output
     assert "64 (kept)" in result.output  # layer 0 untouched
     files = {p.name for p in out.iterdir()}
-    assert {"config.json", "model.safetensors", "README.md", "modeling_mlpfusion_bert.py"} <= files
+    assert {"config.json", "model.safetensors", "README.md", "modeling_mlpfusion.py"} <= files
     assert not list(tmp_path.glob(".*partial*"))
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["intermediate_sizes"] == [64, 16, 16] and cfg["mlpfusion"]["seed"] == 3
@@ -117,9 +117,9 @@ def test_missing_model_and_unsupported_architecture(tmp_path):
     assert_one_line_error(run("compress", tmp_path / "empty", "-o", tmp_path / "o"), "no config.json")
     import transformers
 
-    cfg = transformers.DistilBertConfig(dim=32, n_layers=1, n_heads=2, hidden_dim=64, vocab_size=50)
-    transformers.DistilBertModel(cfg).save_pretrained(tmp_path / "distil")
-    assert_one_line_error(run("compress", tmp_path / "distil", "-o", tmp_path / "o"), "unsupported architecture", "bert", "roberta", "gpt2")
+    cfg = transformers.T5Config(d_model=16, d_ff=32, num_layers=1, num_heads=2, vocab_size=50)
+    transformers.T5EncoderModel(cfg).save_pretrained(tmp_path / "t5")
+    assert_one_line_error(run("compress", tmp_path / "t5", "-o", tmp_path / "o"), "unsupported architecture", "bert", "llama", "gpt2")
     assert not (tmp_path / "o").exists()
 
 

@@ -10,12 +10,21 @@ from typer.testing import CliRunner
 
 import tiny
 from hf_mlpfusion import FusionConfig, fuse
-from hf_mlpfusion.calibrate import adapter_for, batches, capture_mlp_inputs, data_metrics
+from hf_mlpfusion.calibrate import batches, capture_mlp_inputs, data_metrics
 from hf_mlpfusion.cli.main import app
 from hf_mlpfusion.compress import compress
 from hf_mlpfusion.data import load_texts
 from hf_mlpfusion.errors import InvalidConfigError
-from hf_mlpfusion.fusion import DataMetric, fuse_mlps, metric_vectors, sub_mlp_vectors
+from hf_mlpfusion.core.metric import DataMetric, metric_vectors
+from hf_mlpfusion.core.mlp import MLPTensors, sub_mlp_vectors
+from hf_mlpfusion.families import family_of
+from hf_mlpfusion.methods import METHODS
+
+
+def fuse_mlps(w1, b1, w2, k, **kw):
+    """Fusion of a linear-pair batch: (w1, b1, w2, counts, labels)."""
+    red = METHODS["fusion"].reduce(MLPTensors((w1,), (b1,), w2), k, **kw)
+    return red.mlps.ins[0], red.mlps.in_biases[0], red.mlps.out, red.counts, red.labels
 from test_evaluate import tiny_tokenizer
 
 CAL = load_texts(None, split="calibration", limit=32)
@@ -37,13 +46,14 @@ def _random_mlps(B=2, p=48, d=6, seed=0):
 def test_neutral_metric_gives_the_papers_clustering():
     w1, b1, w2 = _random_mlps()
     d = w1.shape[-1]
-    neutral = DataMetric(torch.eye(d + 1).expand(2, -1, -1).clone(), torch.ones(2), torch.ones(2))
-    assert torch.equal(metric_vectors(w1, b1, w2, neutral), sub_mlp_vectors(w1, b1, w2))
+    neutral = DataMetric(torch.eye(d + 1).expand(2, -1, -1).clone(), torch.ones(2, 1), torch.ones(2))
+    lin = MLPTensors((w1,), (b1,), w2)
+    assert torch.equal(metric_vectors(lin, neutral), sub_mlp_vectors(lin))
     plain = fuse_mlps(w1, b1, w2, 8, seed=3, device="cpu")
     aware = fuse_mlps(w1, b1, w2, 8, seed=3, device="cpu", metric=neutral)
-    assert torch.equal(plain.labels, aware.labels) and torch.equal(plain.counts, aware.counts)
+    assert torch.equal(plain[4], aware[4]) and torch.equal(plain[3], aware[3])
     # centres: the members' plain means, whichever space the clustering ran in
-    assert torch.allclose(plain.w1, aware.w1, atol=1e-5) and torch.allclose(plain.w2, aware.w2, atol=1e-5)
+    assert torch.allclose(plain[0], aware[0], atol=1e-5) and torch.allclose(plain[2], aware[2], atol=1e-5)
 
 
 def _mlp(w1, b1, w2, counts, x):
@@ -65,12 +75,12 @@ def test_data_aware_clustering_lowers_the_error_on_its_data():
     xa = torch.cat([x.double(), torch.ones(4000, 1, dtype=torch.float64)], 1)
     S = xa.T @ xa / 4000
     L = torch.linalg.cholesky(S + 1e-6 * torch.eye(d + 1, dtype=torch.float64))
-    metric = DataMetric(L[None], torch.tensor([0.5]), torch.tensor([0.5]))
+    metric = DataMetric(L[None], torch.tensor([[0.5]]), torch.tensor([0.5]))
     want = _mlp(w1[0], b1[0], w2[0], torch.ones(p), x)
     errors = {}
     for name, m in (("data-free", None), ("data-aware", metric)):
-        red = fuse_mlps(w1, b1, w2, k, seed=0, device="cpu", metric=m)
-        got = _mlp(red.w1[0], red.b1[0], red.w2[0], red.counts[0], x)
+        rw1, rb1, rw2, counts, _ = fuse_mlps(w1, b1, w2, k, seed=0, device="cpu", metric=m)
+        got = _mlp(rw1[0], rb1[0], rw2[0], counts[0], x)
         errors[name] = float((got - want).pow(2).sum() / want.pow(2).sum())
     assert errors["data-aware"] < 0.5 * errors["data-free"], errors
 
@@ -79,7 +89,7 @@ def test_data_metrics_match_a_direct_computation(tok):
     m = tiny.model("bert", "BertModel", layers=3)
     metrics = data_metrics(m, [0, 2], CAL, tok)
     assert sorted(metrics) == [0, 2]
-    a = adapter_for(m)
+    a = family_of(m)
     enc = list(batches(CAL, tok, max_length=128, batch_size=16, model=m))
     for i, met in metrics.items():
         x = capture_mlp_inputs(m, i, enc).double()
@@ -87,15 +97,16 @@ def test_data_metrics_match_a_direct_computation(tok):
         xa = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], 1)
         S = xa.T @ xa / x.shape[0]
         assert torch.allclose(met.chol @ met.chol.T, S, rtol=1e-4, atol=1e-6 * float(S.diagonal().mean()))
-        w = a.read(a.blocks(m)[i])
-        pre = (xa @ torch.cat([w.w1.double(), w.b1.double()[:, None]], 1).T).detach().requires_grad_(True)
+        w = a.read(a.block_list(m)[i])
+        w1, b1, w2 = w.ins[0][0], w.in_biases[0][0], w.out[0]
+        pre = (xa @ torch.cat([w1.double(), b1.double()[:, None]], 1).T).detach().requires_grad_(True)
         act = torch.nn.functional.gelu(pre)
         (grad,) = torch.autograd.grad(act.sum(), pre)
         act = act.detach()
-        s1 = (w.w2.detach().double().pow(2).sum(0) * grad.pow(2).mean(0)).mean().sqrt()
+        s1 = (w2.detach().double().pow(2).sum(0) * grad.pow(2).mean(0)).mean().sqrt()
         s2 = act.detach().pow(2).mean(0).mean().sqrt()
-        assert float(met.w1_scale) == pytest.approx(float(s1), rel=1e-6)
-        assert float(met.w2_scale) == pytest.approx(float(s2), rel=1e-6)
+        assert float(met.in_scales[0]) == pytest.approx(float(s1), rel=1e-6)
+        assert float(met.out_scale) == pytest.approx(float(s2), rel=1e-6)
 
 
 def test_fuse_with_metrics_records_it_and_refuses_baselines_without_clustering(tok):

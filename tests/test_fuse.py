@@ -1,56 +1,60 @@
-"""The math through the whole model: exactness at ratio 1, repeated neurons, folding, widths, metadata."""
+"""The math through the whole model, for every model type of the registry: exactness at ratio 1,
+repeated neurons, folding, widths, metadata."""
 
 import pytest
 import torch
 
 import tiny
 from hf_mlpfusion import FusionConfig, fuse
-from hf_mlpfusion.architectures import get_adapter
-from hf_mlpfusion.fusion import cluster_sizes, split_vectors, sub_mlp_vectors
+from hf_mlpfusion.core.mlp import GATED, MLPTensors, cluster_sizes, split_vectors, sub_mlp_vectors
+from hf_mlpfusion.families import family_for
 
-FAMILY_HEADS = [("bert", "BertForMaskedLM"), ("roberta", "RobertaForSequenceClassification"), ("gpt2", "GPT2LMHeadModel")]
+TYPE_HEADS = tiny.one_head_per_type()
 
 
-@pytest.mark.parametrize("family,head", FAMILY_HEADS)
-def test_ratio_one_reproduces_the_model(family, head):
-    m = tiny.model(family, head)
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.mark.parametrize("model_type,head", TYPE_HEADS)
+def test_ratio_one_reproduces_the_model(model_type, head):
+    m = tiny.model(model_type, head)
     fused = fuse(m, FusionConfig(ratio=1.0, seed=3))
     assert fused.config.intermediate_sizes == [64, 64, 64]
     assert tiny.max_diff(tiny.outputs(m, head), tiny.outputs(fused, head)) < 1e-5
 
 
-@pytest.mark.parametrize("family,head", FAMILY_HEADS)
-def test_repeated_neurons_fuse_to_identical_outputs(family, head):
+def repeat_neurons(m, family, groups: int = 16, seed: int = 0) -> None:
+    """Make every MLP's neurons `groups` distinct ones, each repeated width/groups times, shuffled."""
+    g = torch.Generator().manual_seed(seed)
+    for block in family.block_list(m):
+        w = family.read(block)
+        p = w.width
+        src = (torch.arange(p) % groups)[torch.randperm(p, generator=g)]
+        family.write(block, w.select(src[None]).map(lambda t: t.detach().clone()))
+
+
+@pytest.mark.parametrize("model_type,head", TYPE_HEADS)
+def test_repeated_neurons_fuse_to_identical_outputs(model_type, head):
     """A model whose 64 neurons are 16 distinct ones, each repeated 4 times, fuses exactly at ratio 0.25."""
-    m = tiny.model(family, head)
-    adapter = get_adapter(m.config.model_type)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for block in adapter.blocks(m):
-            fc1, fc2 = adapter.mlp_modules(block)
-            w = adapter.read(block)
-            base1, baseb, base2 = w.w1[:16].clone(), w.b1[:16].clone(), w.w2[:, :16].clone()
-            perm = torch.randperm(64, generator=g)
-            src = torch.arange(64) % 16
-            new = type(w)(base1[src][perm], baseb[src][perm], base2[:, src][:, perm], w.b2)
-            t1, tb1, t2, _ = adapter.tensors(new)
-            fc1.weight.copy_(t1)
-            fc1.bias.copy_(tb1)
-            fc2.weight.copy_(t2)
+    m = tiny.model(model_type, head)
+    family = family_for(model_type)
+    repeat_neurons(m, family)
     fused = fuse(m, FusionConfig(ratio=0.25))
     assert fused.config.intermediate_sizes == [16, 16, 16]
-    for block in adapter.blocks(fused):
-        assert torch.equal(adapter.mlp_modules(block)[1].counts, torch.full((16,), 4.0))
+    for block in family.block_list(fused):
+        assert torch.equal(family.act(block).counts, torch.full((16,), 4.0))
     assert tiny.max_diff(tiny.outputs(m, head), tiny.outputs(fused, head)) < 1e-5
 
 
-@pytest.mark.parametrize("family,head", FAMILY_HEADS)
-def test_fold_scale_matches_counts_and_gives_stock_class(family, head):
-    m = tiny.model(family, head)
+@pytest.mark.parametrize("model_type,head", TYPE_HEADS)
+def test_fold_scale_matches_counts_and_gives_stock_class(model_type, head):
+    m = tiny.model(model_type, head)
     kept = fuse(m, FusionConfig(ratio=0.5, seed=1))
     folded = fuse(m, FusionConfig(ratio=0.5, seed=1, fold_scale=True))
     assert type(folded) is type(m)  # one width everywhere, no count vector: stock transformers
-    assert "mlpfusion" not in folded.config.model_type
+    assert type(folded.config) is type(m.config) and "mlpfusion" not in folded.config.model_type
+    family = family_for(model_type)
+    assert family.intermediate_size(folded.config) == 32
     assert tiny.max_diff(tiny.outputs(kept, head), tiny.outputs(folded, head)) < 1e-5
     partial = fuse(m, FusionConfig(ratio=0.5, layers=[1], fold_scale=True))
     assert type(partial).__name__ == "MLPFusion" + head  # widths differ per layer: custom classes
@@ -66,8 +70,9 @@ def test_partial_layers_widths_counts_and_metadata():
     assert layer[0].intermediate.dense.weight.shape == (64, 32)
     assert layer[1].intermediate.dense.weight.shape == (16, 32)
     assert layer[1].output.dense.weight.shape == (32, 16)
-    assert layer[1].output.dense.counts.sum().item() == 64
-    assert not hasattr(layer[0].output.dense, "counts")
+    assert type(layer[1].output.dense) is torch.nn.Linear  # projections stay stock
+    assert layer[1].intermediate.intermediate_act_fn.counts.sum().item() == 64
+    assert not hasattr(layer[0].intermediate.intermediate_act_fn, "counts")
     # untouched parts are equal to, but not shared with, the input model
     assert torch.equal(layer[0].intermediate.dense.weight, m.encoder.layer[0].intermediate.dense.weight)
     assert layer[0].intermediate.dense.weight.data_ptr() != m.encoder.layer[0].intermediate.dense.weight.data_ptr()
@@ -77,6 +82,20 @@ def test_partial_layers_widths_counts_and_metadata():
     assert meta["widths_before"] == [64] * 4 and meta["widths_after"] == [64, 16, 16, 64]
     assert meta["num_parameters_after"] < meta["num_parameters_before"]
     assert len(meta["inertia"]) == 2 and all(v > 0 for v in meta["inertia"])
+
+
+def test_gated_counts_scale_the_gated_product():
+    """down(n * act(gate x) * up x): the count module sits between the activation and down_proj."""
+    m = tiny.model("llama", "LlamaModel", layers=2)
+    fused = fuse(m, FusionConfig(ratio=0.25, layers=[1], seed=0))
+    mlp = fused.layers[1].mlp
+    assert type(mlp.down_proj) is torch.nn.Linear and mlp.gate_proj.weight.shape == (16, 32)
+    x = torch.randn(5, 32, generator=torch.Generator().manual_seed(0))
+    n = mlp.act_fn.counts
+    want = mlp.down_proj(n * torch.nn.functional.silu(mlp.gate_proj(x)) * mlp.up_proj(x))
+    with torch.no_grad():
+        assert torch.allclose(mlp(x), want, atol=1e-6)
+    assert n.sum().item() == 64 and n.min().item() >= 1
 
 
 def test_input_model_is_left_untouched():
@@ -99,13 +118,26 @@ def test_intermediate_size_and_determinism():
 def test_sub_mlp_vectors_round_trip_and_counts():
     g = torch.Generator().manual_seed(0)
     w1, b1, w2 = torch.randn(2, 6, 4, generator=g), torch.randn(2, 6, generator=g), torch.randn(2, 4, 6, generator=g)
-    z = sub_mlp_vectors(w1, b1, w2)
+    lin = MLPTensors((w1,), (b1,), w2)
+    z = sub_mlp_vectors(lin)
     assert z.shape == (2, 6, 9)
     assert torch.equal(z[0, 2], torch.cat([w1[0, 2], b1[0, 2:3], w2[0, :, 2]]))
-    r1, rb1, r2 = split_vectors(z, 4)
-    assert torch.equal(r1, w1) and torch.equal(rb1, b1) and torch.equal(r2, w2)
+    r = split_vectors(z, lin)
+    assert torch.equal(r.ins[0], w1) and torch.equal(r.in_biases[0], b1) and torch.equal(r.out, w2)
     counts = cluster_sizes(torch.tensor([[0, 0, 1, 2, 2, 2]]), 3)
     assert counts.tolist() == [[2.0, 1.0, 3.0]]
+
+
+def test_gated_sub_mlp_vector_is_gate_row_up_row_down_column():
+    g = torch.Generator().manual_seed(1)
+    wg, wu, wd = torch.randn(1, 6, 4, generator=g), torch.randn(1, 6, 4, generator=g), torch.randn(1, 4, 6, generator=g)
+    gated = MLPTensors((wg, wu), (None, None), wd, GATED)
+    z = sub_mlp_vectors(gated)
+    assert z.shape == (1, 6, 12)
+    assert torch.equal(z[0, 3], torch.cat([wg[0, 3], wu[0, 3], wd[0, :, 3]]))
+    r = split_vectors(z, gated)
+    assert torch.equal(r.ins[0], wg) and torch.equal(r.ins[1], wu) and torch.equal(r.out, wd)
+    assert r.in_biases == (None, None) and r.kind == GATED
 
 
 def test_fusing_a_fused_or_unsupported_model_is_a_clear_error():
@@ -116,6 +148,6 @@ def test_fusing_a_fused_or_unsupported_model_is_a_clear_error():
         fuse(fused, FusionConfig(ratio=0.5))
     import transformers
 
-    distil = transformers.DistilBertModel(transformers.DistilBertConfig(dim=32, n_layers=1, n_heads=2, hidden_dim=64, vocab_size=50))
-    with pytest.raises(UnsupportedArchitectureError, match="supported model types: bert"):
-        fuse(distil, FusionConfig(ratio=0.5))
+    t5 = transformers.T5EncoderModel(transformers.T5Config(d_model=16, d_ff=32, num_layers=1, num_heads=2, vocab_size=50))
+    with pytest.raises(UnsupportedArchitectureError, match="supports the model types bert, camembert"):
+        fuse(t5, FusionConfig(ratio=0.5))

@@ -53,23 +53,23 @@ def test_trainer_runs_a_step(tmp_path):
     trainer = transformers.Trainer(model=fused, args=args, train_dataset=data)
     result = trainer.train()
     assert result.global_step == 2 and torch.isfinite(torch.tensor(result.training_loss))
-    counts = fused.roberta.encoder.layer[0].output.dense.counts
+    counts = fused.roberta.encoder.layer[0].intermediate.intermediate_act_fn.counts
     assert counts.sum().item() == 64
 
 
 def test_to_dtype_carries_the_count_buffer():
     fused = fuse(tiny.model("gpt2", "GPT2Model"), FusionConfig(ratio=0.25))
     half = fused.to(torch.bfloat16)
-    c_proj = half.h[0].mlp.c_proj
-    assert c_proj.counts.dtype == torch.bfloat16 and c_proj.weight.dtype == torch.bfloat16
-    assert c_proj.counts.sum().item() == 64
+    mlp = half.h[0].mlp
+    assert mlp.act.counts.dtype == torch.bfloat16 and mlp.c_proj.weight.dtype == torch.bfloat16
+    assert mlp.act.counts.sum().item() == 64
     out = half(**tiny.inputs("GPT2Model")).last_hidden_state
     assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
 
 
 def test_real_minilm_fuses_and_stays_close_at_ratio_one_and_below():
-    model, adapter, head = load_model(default_model_path())
-    assert head == "BertModel" and adapter.family == "bert"
+    model, family, head = load_model(default_model_path())
+    assert head == "BertModel" and family.name == "bert"
     ids = torch.tensor([[101, 7592, 2088, 2003, 1037, 3231, 102]])
     with torch.no_grad():
         ref = model(ids).last_hidden_state

@@ -1,90 +1,86 @@
-"""Tiny random models of every supported family and head, and inputs that fit them (tests only)."""
+"""Tiny random models of every supported model type and head, and inputs that fit them (tests only).
+
+Everything here is derived from the family registry (`hf_mlpfusion.families`) and transformers' own
+config classes, so a family added to the registry is picked up by every test that parametrizes
+over `MODEL_TYPES` / `HEADS` without an edit here.
+"""
 
 from __future__ import annotations
 
 import torch
 import transformers
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-VOCAB = 100
+from hf_mlpfusion.families import family_for, model_types
+from tiny_io import VOCAB, inputs, max_diff, outputs  # noqa: F401
 
-HEADS = {
-    "bert": [
-        "BertModel", "BertForPreTraining", "BertLMHeadModel", "BertForMaskedLM",
-        "BertForNextSentencePrediction", "BertForSequenceClassification", "BertForMultipleChoice",
-        "BertForTokenClassification", "BertForQuestionAnswering",
-    ],
-    "roberta": [
-        "RobertaModel", "RobertaForCausalLM", "RobertaForMaskedLM", "RobertaForSequenceClassification",
-        "RobertaForMultipleChoice", "RobertaForTokenClassification", "RobertaForQuestionAnswering",
-    ],
-    "gpt2": [
-        "GPT2Model", "GPT2LMHeadModel", "GPT2DoubleHeadsModel", "GPT2ForSequenceClassification",
-        "GPT2ForTokenClassification", "GPT2ForQuestionAnswering",
-    ],
-}
+MODEL_TYPES = model_types()
 
-AUTO_FOR_HEAD = {
-    "Model": "AutoModel",
-    "ForPreTraining": "AutoModelForPreTraining",
-    "LMHeadModel": "AutoModelForCausalLM",
-    "ForCausalLM": "AutoModelForCausalLM",
-    "ForMaskedLM": "AutoModelForMaskedLM",
-    "ForNextSentencePrediction": "AutoModelForNextSentencePrediction",
-    "ForSequenceClassification": "AutoModelForSequenceClassification",
-    "ForMultipleChoice": "AutoModelForMultipleChoice",
-    "ForTokenClassification": "AutoModelForTokenClassification",
-    "ForQuestionAnswering": "AutoModelForQuestionAnswering",
-    "DoubleHeadsModel": None,  # transformers has no Auto class for it: loaded by class
-}
+# the names configs use for the number of attention heads, key/value heads and positions
+_HEAD_KEYS = ("num_attention_heads", "n_head", "n_heads")
+_POSITION_KEYS = ("max_position_embeddings", "n_positions")
 
 
-def auto_class_name(head: str) -> str | None:
-    for suffix in sorted(AUTO_FOR_HEAD, key=len, reverse=True):
-        if head.endswith(suffix):
-            return AUTO_FOR_HEAD[suffix]
-    raise KeyError(head)
+def heads(model_type: str) -> list[str]:
+    """Every head the registry lists for a model type, base model first."""
+    family = family_for(model_type)
+    base = family.base_class(model_type)
+    return [base] + sorted(h for h in family.heads(model_type) if h != base)
 
 
-def config(family: str, layers: int = 3, width: int = 64, hidden: int = 32):
-    if family == "bert":
-        return transformers.BertConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
-                                       intermediate_size=width, vocab_size=VOCAB, max_position_embeddings=64)
-    if family == "roberta":
-        return transformers.RobertaConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
-                                          intermediate_size=width, vocab_size=VOCAB, max_position_embeddings=70)
-    if family == "gpt2":
-        return transformers.GPT2Config(n_embd=hidden, n_layer=layers, n_head=2, n_inner=width, vocab_size=VOCAB,
-                                       n_positions=64, bos_token_id=0, eos_token_id=0, pad_token_id=0)
-    raise KeyError(family)
+HEADS = {mt: heads(mt) for mt in MODEL_TYPES}
+CASES = [(mt, h) for mt in MODEL_TYPES for h in HEADS[mt]]  # every (model type, head)
 
 
-def model(family: str, head: str | None = None, seed: int = 0, **kw):
-    head = head or HEADS[family][0]
-    cfg = config(family, **kw)
-    if head.endswith(("LMHeadModel", "ForCausalLM")) and family != "gpt2":
-        cfg.is_decoder = True
+def auto_class_name(model_type: str, head: str) -> str | None:
+    """The Auto class that loads `head` (None for heads no Auto class maps to)."""
+    return family_for(model_type).heads(model_type)[head]
+
+
+def one_head_per_type() -> list[tuple[str, str]]:
+    """A language-model head where the type has one (else the base model): one case per model type."""
+    out = []
+    for mt in MODEL_TYPES:
+        names = HEADS[mt]
+        pick = next((h for h in names if h.endswith(("ForCausalLM", "LMHeadModel", "ForMaskedLM"))), names[0])
+        out.append((mt, pick))
+    return out
+
+
+def config(model_type: str, layers: int = 3, width: int = 64, hidden: int = 32):
+    family = family_for(model_type)
+    cfg = CONFIG_MAPPING[model_type]()
+    values = {family.hidden_key: hidden, family.width_key: width, family.depth_key: layers, "vocab_size": VOCAB}
+    for key in _HEAD_KEYS:
+        if hasattr(cfg, key):
+            values[key] = 2
+    if hasattr(cfg, "num_key_value_heads"):
+        values["num_key_value_heads"] = 1
+    if hasattr(cfg, "head_dim"):
+        values["head_dim"] = hidden // 2
+    offset = family.position_offset(cfg) if family.position_offset else 0
+    for key in _POSITION_KEYS:
+        if hasattr(cfg, key):
+            values[key] = 64 + offset
+    if hasattr(cfg, "layer_types"):
+        values["layer_types"] = None  # sized by the number of layers: let the config rebuild it
+    if hasattr(cfg, "max_window_layers"):
+        values["max_window_layers"] = layers
+    for key in ("bos_token_id", "eos_token_id"):
+        if isinstance(getattr(cfg, key, None), int) and getattr(cfg, key) >= VOCAB:
+            values[key] = 0
+    if getattr(cfg, "pad_token_id", None) is None or cfg.pad_token_id >= VOCAB:
+        values["pad_token_id"] = 0
+    data = {**cfg.to_dict(), **values}
+    data.pop("model_type", None)
+    data.pop("transformers_version", None)
+    return type(cfg)(**data)
+
+
+def model(model_type: str, head: str | None = None, seed: int = 0, **kw):
+    head = head or HEADS[model_type][0]
+    cfg = config(model_type, **kw)
+    if not family_for(model_type).decoder and auto_class_name(model_type, head) == "AutoModelForCausalLM":
+        cfg.is_decoder = True  # encoders' causal-LM heads want it
     torch.manual_seed(seed)
     return getattr(transformers, head)(cfg).eval()
-
-
-def inputs(head: str, batch: int = 2, length: int = 7, seed: int = 1) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, VOCAB, (batch, length), generator=g)
-    if head.endswith("ForMultipleChoice"):
-        return {"input_ids": ids.unsqueeze(1).expand(batch, 3, length).contiguous()}
-    if head.endswith("DoubleHeadsModel"):
-        return {"input_ids": ids.unsqueeze(1).expand(batch, 2, length).contiguous(),
-                "mc_token_ids": torch.full((batch, 2), length - 1)}
-    return {"input_ids": ids}
-
-
-def outputs(m, head: str) -> list[torch.Tensor]:
-    """Every tensor the forward pass returns (caches left out)."""
-    with torch.no_grad():
-        out = m(**inputs(head))
-    return [v for v in out.values() if isinstance(v, torch.Tensor)]
-
-
-def max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
-    assert len(a) == len(b) and a, (len(a), len(b))
-    return max((x.float() - y.float()).abs().max().item() for x, y in zip(a, b))

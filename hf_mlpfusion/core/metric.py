@@ -1,0 +1,104 @@
+"""A data metric for k-means: distances that approximate what merging two neurons costs on real inputs.
+
+Merging neuron i into a centre c changes the MLP's output, to first order, by
+
+    sum_j  W_out[:, i] (dh_i/da_ij) (a_cj - a_ij)  +  (W_out[:, c] - W_out[:, i]) h_c
+
+where a_ij = W_j[i] . x (+ b_j[i]) is the neuron's pre-activation in input projection j and h its
+hidden feature (act(a_1) for a linear pair, act(a_gate) * a_up for a gated MLP). Its expected
+square on the inputs x is approximated by a Euclidean distance between the vectors
+
+    u_i = [s_1 L^T [W_1[i], b_1[i]], ..., s_m L^T [W_m[i], b_m[i]], s_out W_out[:, i]]
+
+- L: the Cholesky factor of E[x~ x~^T], x~ = [x, 1] when the projections have biases, else x, so
+  ||L^T v||^2 = E[(v . x~)^2] is the mean squared change of a pre-activation on the real inputs;
+- s_j^2 = mean_i ||W_out[:, i]||^2 E[(dh_i/da_ij)^2] and s_out^2 = mean_i E[h_i^2], averaged over
+  the neurons so that one plain (unweighted) k-means still applies.
+
+The centres are then the plain means of the members' original vectors (the map is linear, so this
+is the centre in either space), and the counts are the cluster sizes as before.
+
+Pure tensors: this module never imports transformers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .mlp import MLPTensors, hidden
+
+
+@dataclass
+class DataMetric:
+    """The statistics of B layers' MLP inputs that define the metric (see the module docstring)."""
+
+    chol: torch.Tensor  # [B, e, e] lower-triangular L with L L^T = E[x~ x~^T] (e = d + 1 with biases, else d)
+    in_scales: torch.Tensor  # [B, m] s_j, one per input projection
+    out_scale: torch.Tensor  # [B] s_out
+    # (one layer's metric, from `MetricStats.metric`, has no batch dimension: [e, e], [m], [])
+    tokens: int = 0  # how many tokens the statistics were taken on
+
+
+def stack_metrics(metrics: list[DataMetric]) -> DataMetric:
+    """The metrics of single layers (unbatched, as `MetricStats.metric` gives them) as one batch."""
+    return DataMetric(torch.stack([m.chol for m in metrics]), torch.stack([m.in_scales for m in metrics]),
+                      torch.stack([m.out_scale.reshape(()) for m in metrics]), max(m.tokens for m in metrics))
+
+
+def metric_vectors(mlps: MLPTensors, metric: DataMetric) -> torch.Tensor:
+    """The sub-MLP vectors in the data metric's space: [B, p, D'] (see the module docstring)."""
+    dev = mlps.out.device
+    L = metric.chol.to(device=dev, dtype=torch.float64)
+    parts = []
+    for j, (w, b) in enumerate(zip(mlps.ins, mlps.in_biases)):
+        rows = w.double() if b is None else torch.cat([w, b.unsqueeze(-1)], dim=-1).double()
+        s = metric.in_scales[:, j].to(device=dev, dtype=torch.float64)[:, None, None]
+        parts.append((rows @ L) * s)
+    s_out = metric.out_scale.to(device=dev, dtype=torch.float64)[:, None, None]
+    parts.append(mlps.out.transpose(-1, -2).double() * s_out)
+    return torch.cat(parts, dim=-1).float()
+
+
+class MetricStats:
+    """Running sums over tokens for ONE MLP (batch of 1): E[x~ x~^T], E[h^2] and E[(dh/da_j)^2] per neuron."""
+
+    def __init__(self, mlp: MLPTensors, act):
+        self.mlp = mlp.map(lambda t: t.detach())
+        self.act = act
+        self.biased = any(b is not None for b in mlp.in_biases)
+        d, p = mlp.hidden_size, mlp.width
+        e = d + int(self.biased)
+        self.xx = torch.zeros(e, e, dtype=torch.float64)
+        self.h2 = torch.zeros(p, dtype=torch.float64)
+        self.grad2 = torch.zeros(len(mlp.ins), p, dtype=torch.float64)
+        self.out_norm2 = self.mlp.out[0].double().pow(2).sum(0)  # ||W_out[:, i]||^2
+        self.n = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        """Add the statistics of x [N, d] (float32, on the CPU)."""
+        xa = x.double()
+        if self.biased:
+            xa = torch.cat([xa, torch.ones(x.shape[0], 1, dtype=torch.float64)], dim=1)
+        self.xx += xa.T @ xa
+        w0 = self.mlp.ins[0]
+        pre = [torch.nn.functional.linear(x.to(w0), w[0], None if b is None else b[0]).double().cpu()
+               for w, b in zip(self.mlp.ins, self.mlp.in_biases)]
+        with torch.enable_grad():
+            pre = [a.requires_grad_(True) for a in pre]
+            h = hidden(self.mlp.kind, self.act, pre)
+            grads = torch.autograd.grad(h.sum(), pre)  # h_i depends on neuron i's own pre-activations only
+        self.h2 += h.detach().pow(2).sum(0)
+        for j, g in enumerate(grads):
+            self.grad2[j] += g.pow(2).sum(0)
+        self.n += x.shape[0]
+
+    def metric(self) -> DataMetric:
+        n = max(self.n, 1)
+        S = self.xx / n
+        S = S + torch.eye(S.shape[0], dtype=S.dtype) * (1e-6 * float(S.diagonal().mean().clamp_min(1e-30)))
+        L = torch.linalg.cholesky(S)
+        s_in = (self.out_norm2[None] * self.grad2 / n).mean(-1).sqrt()  # [m]
+        s_out = (self.h2 / n).mean().sqrt()
+        return DataMetric(L, s_in, s_out, tokens=self.n)

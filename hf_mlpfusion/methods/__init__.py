@@ -1,0 +1,49 @@
+"""The reduction methods, one file each: MLP fusion (the paper's) and its baselines.
+
+Every method is a function `reduce(mlps, k, *, seed, device, kmeans_options, metric=None)` over a
+batch of MLPs of one shape (`core.mlp.MLPTensors`) that returns a `Reduction`: the narrower MLPs and,
+for fusion, the frozen count vector. Methods register themselves here with `register_method`; the
+rest of the package only looks them up by name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from ..core.mlp import MLPTensors
+
+
+@dataclass
+class Reduction:
+    """B narrower MLPs (width k), with what the method knows about how they were made."""
+
+    mlps: MLPTensors
+    counts: torch.Tensor | None = None  # [B, k] frozen scale after the activation, or None
+    inertia: torch.Tensor | None = None  # [B] float64 k-means inertia, for clustering methods
+    labels: torch.Tensor | None = None  # [B, p] old neuron -> new neuron, for clustering methods
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    reduce: Callable[..., Reduction]
+    data_aware: bool = False  # whether its clustering can use a data metric
+    description: str = ""  # one line for the model card
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register_method(name: str, reduce: Callable[..., Reduction], *, data_aware: bool = False,
+                    description: str = "") -> None:
+    METHODS[name] = Method(name, reduce, data_aware, description)
+
+
+from . import cluster, fusion, prune, sketch  # noqa: E402,F401  (each registers itself)
+
+DATA_AWARE_METHODS = tuple(name for name, m in METHODS.items() if m.data_aware)
+
+__all__ = ["DATA_AWARE_METHODS", "METHODS", "Method", "Reduction", "register_method"]

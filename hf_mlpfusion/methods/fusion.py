@@ -1,0 +1,38 @@
+"""MLP fusion (the paper's method): k-means on the sub-MLP vectors, centroids + frozen counts.
+
+The centroids C of the p sub-MLP vectors give the fused projections (split back into the MLP's
+parts); the cluster sizes n are the count vector applied after the activation (after the gated
+product for gated MLPs) and before the output projection:
+
+    f'(x) = W2' (n * act(W1' x + b1')) + b2        or        W_down' (n * act(W_gate' x) * (W_up' x))
+
+With a data metric (data-aware clustering), k-means runs on the vectors mapped by the metric and
+the centres are the means of the members' original vectors.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..core.kmeans import cluster_means, kmeans
+from ..core.metric import DataMetric, metric_vectors
+from ..core.mlp import MLPTensors, cluster_sizes, split_vectors, sub_mlp_vectors
+from . import Reduction, register_method
+
+
+def reduce(mlps: MLPTensors, k: int, *, seed: int = 0, device="auto", kmeans_options: dict | None = None,
+           metric: DataMetric | None = None, **extra) -> Reduction:
+    z = sub_mlp_vectors(mlps).float()
+    opts = {key: v for key, v in (kmeans_options or {}).items() if v is not None}
+    if metric is None:
+        res = kmeans(z, k, seed=seed, device=device, **opts)
+        centers = res.centers.to(device=z.device, dtype=torch.float32)
+    else:
+        res = kmeans(metric_vectors(mlps, metric), k, seed=seed, device=device, **opts)
+        centers = cluster_means(z, res.labels.to(z.device), k).float()
+    labels = res.labels.to(z.device)
+    return Reduction(split_vectors(centers, mlps), cluster_sizes(labels, k).float(), res.inertia.cpu().double(), labels)
+
+
+register_method("fusion", reduce, data_aware=True,
+                description="MLP fusion: k-means clustering of the sub-MLPs, centroids with a frozen count vector")
