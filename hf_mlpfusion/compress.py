@@ -269,13 +269,17 @@ def copy_processor_files(source: Path, target: Path) -> list[str]:
 
 
 def save_fused(model, folder: Path, *, source_dir: Path | None = None, repo_id: str | None = None) -> None:
-    """save_pretrained (safetensors) + the remote code of custom classes + processor files + card."""
+    """save_pretrained (safetensors) + the remote code of custom classes + processor files
+    + sentence-transformers module files + card."""
     model.save_pretrained(str(folder), safe_serialization=True)
     model_type = model.config.model_type
     if model_type in modeling.FAMILIES:
         modeling.write_remote_code(folder, model_type)
     if source_dir is not None:
         copy_processor_files(source_dir, folder)
+        from .sentence_transformers_files import copy_files  # modules.json, 1_Pooling/, ... of a sentence-transformers source
+
+        copy_files(source_dir, folder)
     from .hub import write_model_card  # huggingface_hub is a core dependency: the card is always written
 
     write_model_card(folder, source_dir=source_dir, repo_id=repo_id)
