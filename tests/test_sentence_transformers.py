@@ -36,6 +36,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 TEXTS = load_texts(None, split="heldout", limit=12) + ["a", "the value of the object is returned"]
 # pooling mode -> is a Normalize module appended
 SOURCES = {"mean": True, "cls": False, "max": True}
+NORMALIZED = {**SOURCES, "minilm": True}  # + the real all-MiniLM-L6-v2 (mean, Normalize; the old file formats)
 
 
 def module_list(model) -> list:
@@ -69,12 +70,13 @@ def tok_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pairs(tmp_path_factory, tok_dir):
-    """mode -> (source folder, ratio-1.0 output folder)."""
+    """mode (or "minilm") -> (source folder, ratio-1.0 output folder)."""
     root = tmp_path_factory.mktemp("st")
     out = {}
     for mode, normalize in SOURCES.items():
         src = make_st_model(root / f"src-{mode}", mode, normalize, tok_dir)
         out[mode] = (src, compress(str(src), FusionConfig(ratio=1.0), root / f"out-{mode}").output)
+    out["minilm"] = (default_model_path(), compress(None, FusionConfig(ratio=1.0), root / "out-minilm").output)
     return out
 
 
@@ -143,13 +145,13 @@ def test_pooling_config_of_a_source_and_its_output(pairs):
 # --- the output is the same sentence-transformers model -----------------------------------------
 
 
-@pytest.mark.parametrize("mode", SOURCES)
+@pytest.mark.parametrize("mode", NORMALIZED)
 def test_ratio_one_output_is_the_same_sentence_transformer(pairs, mode):
     src, out = pairs[mode]
     original, fused = SentenceTransformer(str(src), device="cpu"), SentenceTransformer(str(out), device="cpu")
     assert type(fused[0].model).__name__ == "MLPFusionBertModel"  # the fused weights, not the source's
     assert module_list(fused) == module_list(original)
-    assert len(module_list(fused)) == (3 if SOURCES[mode] else 2)
+    assert len(module_list(fused)) == (3 if NORMALIZED[mode] else 2)
     diff = float((_encode(fused) - _encode(original)).abs().max())
     print(f"\nratio 1.0, {mode} pooling, import hf_mlpfusion: max |difference| {diff:.3g}")
     assert diff < 1e-5
@@ -192,13 +194,13 @@ print(json.dumps(result))
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("mode", SOURCES)
+@pytest.mark.parametrize("mode", NORMALIZED)
 def test_ratio_one_output_loads_with_remote_code_without_the_package(remote_code_route, mode):
     r = remote_code_route[mode]
     print(f"\nratio 1.0, {mode} pooling, trust_remote_code: max |difference| {r['diff']:.3g}")
     assert r["refused"] and r["architecture"] == "MLPFusionBertModel"
     assert r["modules"] and r["diff"] < 1e-5
-    if SOURCES[mode]:
+    if NORMALIZED[mode]:
         assert max(abs(n - 1) for n in r["norm"]) < 1e-5
 
 
