@@ -330,3 +330,34 @@ def test_modules_that_cannot_be_adapted_give_a_plain_output_and_a_warning(pairs,
     (src / "modules.json").write_text(json.dumps(listed))
     with pytest.raises(stf.NotAdaptableError, match="relative path"):
         stf.find_source(src)
+
+
+def test_compress_and_evaluate_need_no_sentence_transformers(pairs, tmp_path):
+    """sentence-transformers is optional: with it blocked, the files are still written and evaluate
+    still pools as the model does (the numbers match those computed with it)."""
+    src = pairs["cls"][0]
+    script = f"""
+import sys, json, importlib.abc
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "sentence_transformers" or name.startswith("sentence_transformers."):
+            raise ImportError("sentence_transformers is blocked in this process")
+sys.meta_path.insert(0, Block())
+import torch
+torch.set_num_threads(1)
+from hf_mlpfusion import FusionConfig
+from hf_mlpfusion.compress import compress
+from hf_mlpfusion.evaluate import evaluate
+out = compress({str(src)!r}, FusionConfig(ratio=0.25), {str(tmp_path / 'out')!r}).output
+r = evaluate({str(src)!r}, out, json.loads(sys.argv[1]), ntk_examples=0, latency_repeats=0)
+print(json.dumps({{"cosine": r.cosine_mean, "st": "sentence_transformers" in sys.modules}}))
+"""
+    proc = subprocess.run([sys.executable, "-c", script, json.dumps(TEXTS)], capture_output=True, text=True,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    out = tmp_path / "out"
+    assert not r["st"] and (out / "modules.json").read_bytes() == (src / "modules.json").read_bytes()
+    assert (out / "1_Pooling" / "config.json").read_bytes() == (src / "1_Pooling" / "config.json").read_bytes()
+    a, b = (torch.nn.functional.normalize(_encode(SentenceTransformer(str(f), device="cpu")), dim=-1) for f in (src, out))
+    assert r["cosine"] == pytest.approx(float((a * b).sum(-1).mean()), abs=1e-6)
