@@ -103,8 +103,8 @@ def _read_modules(root: Path) -> list[dict]:
     return modules
 
 
-def _source_at(root: Path, checkpoint: Path) -> SentenceTransformersSource | None:
-    """The model in `root`, if its Transformer module is the checkpoint folder; None if another folder is."""
+def _read_source(root: Path) -> SentenceTransformersSource:
+    """The sentence-transformers model in `root` (which has modules.json), if it can be adapted."""
     modules = _read_modules(root)
     for m in modules:
         _relative(m["path"])
@@ -115,10 +115,7 @@ def _source_at(root: Path, checkpoint: Path) -> SentenceTransformersSource | Non
     if len(found) != 1:
         what = "no sentence-transformers Transformer module" if not found else f"{len(found)} Transformer modules"
         raise NotAdaptableError(f"{root / MODULES_FILE} lists {what}: exactly one is adapted")
-    source = SentenceTransformersSource(root=root, modules=tuple(modules), transformer=found[0])
-    if source.transformer_dir.resolve() != checkpoint.resolve():
-        return None
-    return source
+    return SentenceTransformersSource(root=root, modules=tuple(modules), transformer=found[0])
 
 
 def find_source(checkpoint: str | Path) -> SentenceTransformersSource | None:
@@ -129,26 +126,22 @@ def find_source(checkpoint: str | Path) -> SentenceTransformersSource | None:
     be adapted: a Router, several or no Transformer modules, paths outside the model.
     """
     checkpoint = Path(checkpoint)
+    here = checkpoint.resolve()
     if (checkpoint / MODULES_FILE).is_file():
-        source = _source_at(checkpoint, checkpoint)
-        if source is None:
-            raise NotAdaptableError(f"the Transformer module of {checkpoint} is in the sub-folder "
-                                    f"{_source_at_path(checkpoint)!r}: give that folder to compress")
+        source = _read_source(checkpoint)
+        if source.transformer_dir.resolve() != here:
+            raise NotAdaptableError(f"the Transformer module of {checkpoint} is in its sub-folder "
+                                    f"{source.transformer_path!r}: give that folder to compress")
         return source
-    for parent in list(checkpoint.resolve().parents)[:_PARENT_LEVELS]:
+    for parent in list(here.parents)[:_PARENT_LEVELS]:
         if (parent / MODULES_FILE).is_file():
             try:
-                source = _source_at(parent, checkpoint)
+                source = _read_source(parent)
             except NotAdaptableError:
                 return None  # a folder above that is some other model: not ours to adapt
-            if source is not None:
+            if source.transformer_dir.resolve() == here:
                 return source
     return None
-
-
-def _source_at_path(root: Path) -> str:
-    modules = _read_modules(root)
-    return next(m["path"] for m in modules if module_kind(m["type"]) == "Transformer")
 
 
 def model_type(folder: str | Path) -> str | None:

@@ -217,6 +217,8 @@ def test_transformer_in_a_sub_folder(tok_dir, tmp_path):
     listed[0]["path"] = "0_Transformer"
     (src / "modules.json").write_text(json.dumps(listed, indent=2))
     original = SentenceTransformer(str(src), device="cpu")
+    with pytest.raises(stf.NotAdaptableError, match="0_Transformer"):
+        stf.find_source(src)  # the root is not the checkpoint: its transformer is below
 
     out = compress(str(sub), FusionConfig(ratio=1.0), tmp_path / "out").output
     assert json.loads((out / "modules.json").read_text())[0]["path"] == ""
