@@ -262,10 +262,14 @@ def copy_processor_files(source: Path, target: Path) -> list[str]:
 
 
 def save_fused(model, folder: Path, *, source_dir: Path | None = None, repo_id: str | None = None) -> None:
-    """save_pretrained (safetensors) + the remote code of custom classes + processor files + card."""
+    """save_pretrained (safetensors) + the remote code of custom classes + processor files
+    + sentence-transformers module files + card."""
     model.save_pretrained(str(folder))  # safetensors; a fused class also writes its remote-code bundle
     if source_dir is not None:
         copy_processor_files(source_dir, folder)
+        from .sentence_transformers_files import copy_files  # modules.json, 1_Pooling/, ... of a sentence-transformers source
+
+        copy_files(source_dir, folder)
     from .hub import write_model_card  # huggingface_hub is a core dependency: the card is always written
 
     write_model_card(folder, source_dir=source_dir, repo_id=repo_id)

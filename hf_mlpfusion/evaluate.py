@@ -4,7 +4,8 @@
 the same texts:
 
 - relative error of the last hidden states, ||H' - H||_F / ||H||_F over the non-padding tokens;
-- for encoders (BERT, RoBERTa): cosine of mean-pooled, normalised embeddings (mean and minimum);
+- for encoders (BERT, RoBERTa): cosine of mean-pooled, normalised embeddings (mean and minimum),
+  pooled as the model's own Pooling module does when it is a sentence-transformers model;
 - perplexity before/after (causal LMs: GPT-2, and BERT/RoBERTa causal-LM heads) and masked-LM loss
   before/after (masked-LM heads; 15% of tokens masked, seeded, the same for both models);
 - the paper's Adam-NTK error per fused layer: per-example gradients G of a scalar output (the
@@ -180,13 +181,17 @@ def _lm_loss(model, kind, encoded, masked) -> float:
 
 
 @torch.no_grad()
-def _hidden_and_pooled(model, encoded):
+def _hidden_and_pooled(model, encoded, pooling=None):
+    """`pooling`: a sentence-transformers model's PoolingConfig (its own pooling); None = mean pooling."""
+    from .sentence_transformers_files import pool
+
     hs, pooled = [], []
     for batch in encoded:
         h = model.base_model(**batch).last_hidden_state.float()
         m = batch["attention_mask"].unsqueeze(-1).float()
         hs.append(h[batch["attention_mask"].bool()])
-        pooled.append(nn.functional.normalize((h * m).sum(1) / m.sum(1).clamp_min(1), dim=-1))
+        e = (h * m).sum(1) / m.sum(1).clamp_min(1) if pooling is None else pool(h, batch["attention_mask"], pooling)
+        pooled.append(nn.functional.normalize(e, dim=-1))
     return torch.cat(hs), torch.cat(pooled)
 
 
@@ -271,6 +276,9 @@ def evaluate(original, fused, texts: list[str] | None = None, tokenizer=None, *,
              str(fused) if isinstance(fused, (str, Path)) else str(getattr(fused.config, "_name_or_path", "") or "fused")]
     if tokenizer is None:
         tokenizer = load_tokenizer(*(x for x in (fused, original) if isinstance(x, (str, Path))))
+    from .sentence_transformers_files import pooling_for
+
+    pooling = pooling_for(original, fused)  # a sentence-transformers source: its own pooling; else mean
     if isinstance(original, (str, Path)):
         say(f"loading {original}")
         original = load_any(original)
@@ -290,8 +298,8 @@ def evaluate(original, fused, texts: list[str] | None = None, tokenizer=None, *,
         encoded = list(batches(texts, tokenizer, max_length=max_length, batch_size=batch_size,
                                model=original if max_tokens(original) < max_tokens(fused) else fused))
         say("comparing hidden states")
-        ho, po = _hidden_and_pooled(original, encoded)
-        hf, pf = _hidden_and_pooled(fused, encoded)
+        ho, po = _hidden_and_pooled(original, encoded, pooling)
+        hf, pf = _hidden_and_pooled(fused, encoded, pooling)
         report = EvaluationReport(
             original=names[0], fused=names[1], samples=len(texts), tokens=int(ho.shape[0]),
             hidden_relative_error=float((hf.double() - ho.double()).norm() / ho.double().norm().clamp_min(1e-300)),

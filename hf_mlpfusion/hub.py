@@ -406,8 +406,11 @@ def _fmt(value: Any) -> str:
 
 
 def render_model_card(config: dict, *, source_meta: dict | None = None, fidelity: dict | None = None,
-                      repo_id: str | None = None):
-    """Build the ModelCard (not saved) from a fused checkpoint's config.json dict."""
+                      repo_id: str | None = None, sentence_transformers: bool = False):
+    """Build the ModelCard (not saved) from a fused checkpoint's config.json dict.
+
+    `sentence_transformers`: the checkpoint is also a sentence-transformers model (it has modules.json):
+    the card names that library, the sentence-similarity pipeline and shows a SentenceTransformer snippet."""
     from huggingface_hub import ModelCard, ModelCardData
 
     meta = config.get("mlpfusion") or {}
@@ -419,9 +422,13 @@ def render_model_card(config: dict, *, source_meta: dict | None = None, fidelity
     tags = ["mlp-fusion", "model-compression", "hf-mlpfusion"]
     tags += [t for t in source_meta.pop("tags", []) if t not in tags and t not in ("base_model", "license")]
     pipeline_tag = source_meta.pop("pipeline_tag", None) or pipeline_tag_for(config.get("architectures"))
+    library_name = "transformers"
+    if sentence_transformers:
+        library_name, pipeline_tag = "sentence-transformers", "sentence-similarity"
+        tags += [t for t in ("sentence-transformers", "sentence-similarity") if t not in tags]
     card_data = ModelCardData(
         base_model=base_model,
-        library_name="transformers",
+        library_name=library_name,
         pipeline_tag=pipeline_tag,
         tags=tags,
         **source_meta,
@@ -495,6 +502,9 @@ def render_model_card(config: dict, *, source_meta: dict | None = None, fidelity
     }
     template = resources.files("hf_mlpfusion.model_cards").joinpath("mlpfusion.md").read_text(encoding="utf-8") \
         if _has_package_template() else (Path(__file__).resolve().parent.parent / "model_cards" / "mlpfusion.md").read_text(encoding="utf-8")
+    # The template's sentence-transformers block: kept (without its markers) only for such a model.
+    template = re.sub(r"<!-- sentence-transformers -->(.*?)<!-- /sentence-transformers -->",
+                      lambda m: m.group(1) if sentence_transformers else "", template, flags=re.S)
     content = re.sub(r"\{\{ (\w+) \}\}", lambda m: values[m.group(1)], template)
     return ModelCard(content)
 
@@ -518,7 +528,10 @@ def write_model_card(folder: str | os.PathLike, *, source_dir: str | os.PathLike
     if not config_path.is_file():
         raise HubError(f"{folder} has no config.json: write the model card into a saved checkpoint folder")
     config = json.loads(config_path.read_text(encoding="utf-8"))
-    card = render_model_card(config, source_meta=_source_metadata(source_dir), fidelity=fidelity, repo_id=repo_id)
+    from .sentence_transformers_files import is_sentence_transformers
+
+    card = render_model_card(config, source_meta=_source_metadata(source_dir), fidelity=fidelity, repo_id=repo_id,
+                             sentence_transformers=is_sentence_transformers(folder))
     path = folder / "README.md"
     path.write_text(str(card) if str(card).endswith("\n") else f"{card}\n", encoding="utf-8", newline="\n")
     return path
