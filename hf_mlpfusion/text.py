@@ -664,6 +664,8 @@ def _read_tables(builder: str, paths: list[Path], column: str | None) -> list[st
     elif column not in columns:
         raise InvalidConfigError(f"{names} has no column {column!r}: pick one of {', '.join(columns) or 'none'}")
     feature = ds.features[column]
+    if ds.num_rows == 0 or all(v is None for v in ds[column]):
+        return []  # the caller says the file has no text
     if getattr(feature, "dtype", None) not in ("string", "large_string"):
         raise InvalidConfigError(
             f"column {column!r} of {names} holds {getattr(feature, 'dtype', type(feature).__name__)}, not text: "
