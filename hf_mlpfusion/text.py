@@ -8,7 +8,8 @@
     load_calibration("data.parquet", column="body")          # a column read through `datasets`
     heldout_texts()                                          # {source: [held-out texts]} for evaluation
 
-Every source is cut into sentence-sized chunks (whole sentences, MIN_WORDS to MAX_WORDS words).
+Every source is cut into sentence-sized chunks (whole sentences, MIN_WORDS to MAX_WORDS words, no
+tables or code: `is_prose`).
 Each chunk is assigned to the "calibration" or the "heldout" split by a hash of its own text, so
 the two splits are disjoint, and a chunk never changes split when its source gains or loses other
 text; each split is then ordered by another hash of the text and cut to a fixed size.
@@ -83,11 +84,23 @@ def sentence_chunks(paragraph: str) -> Iterator[str]:
         yield " ".join(buf)
 
 
+_TABLE = re.compile(r"[|\u2500-\u257f]|\+--|--\+|===|::=")
+
+
+def is_prose(chunk: str) -> bool:
+    """MIN_WORDS..MAX_WORDS words, not a table (ASCII or box-drawn) or a grammar rule, and not
+    mostly code (at most a third of its words with a parenthesis, '__' or '=')."""
+    words = chunk.split()
+    if not MIN_WORDS <= len(words) <= MAX_WORDS or _TABLE.search(chunk):
+        return False
+    return 3 * sum(1 for w in words if any(c in w for c in ("(", ")", "__", "="))) <= len(words)
+
+
 def split_chunks(chunks: Iterable[str], sizes: dict[str, int] | None = None) -> dict[str, tuple[str, ...]]:
-    """{"calibration": ..., "heldout": ...}: the distinct chunks of MIN_WORDS..MAX_WORDS words, split
-    by a hash of each text (one in HELDOUT_EVERY held out), each split in hash order, cut to `sizes`."""
+    """{"calibration": ..., "heldout": ...}: the distinct prose chunks (is_prose), split by a hash of
+    each text (one in HELDOUT_EVERY held out), each split in hash order, cut to `sizes`."""
     sizes = SPLIT_SIZES if sizes is None else sizes
-    seen = {c for c in map(_clean, chunks) if MIN_WORDS <= len(c.split()) <= MAX_WORDS}
+    seen = {c for c in map(_clean, chunks) if is_prose(c)}
     ordered = sorted(seen, key=lambda t: (_digest(t), t))
     held = [t for t in ordered if _digest("split:" + t) % HELDOUT_EVERY == 0]
     cal = [t for t in ordered if _digest("split:" + t) % HELDOUT_EVERY != 0]

@@ -113,6 +113,16 @@ def test_pydoc_splits_agree_with_data_py():
     assert set(old_cal) & set(T.source_texts("pydoc", "calibration"))  # the two really share text
 
 
+def test_tables_and_code_are_not_prose():
+    assert T.is_prose("The advantage of the range type is that it always takes the same memory.")
+    assert not T.is_prose("For | | more information on working | | with this attribute, see | |")
+    assert not T.is_prose("Pronounced /shme/ with a │ │ short /e/. ├───┼── foo bar baz")
+    assert not T.is_prose("object.__add__(self, other) object.__sub__(self, other) object.__mul__(self, other)")
+    assert T.is_prose('Calling "m(arg-1, arg-2)" is completely equivalent to calling the function with the instance.')
+    for name in T.VENDORED:
+        assert all(T.is_prose(t) for split in T.SPLITS for t in T.source_texts(name, split)), name
+
+
 def test_sentence_chunks_keep_whole_sentences():
     para = "One two three four. Five six seven eight nine ten. Eleven twelve thirteen? Last one here."
     assert list(T.sentence_chunks(para)) == ["One two three four. Five six seven eight nine ten. Eleven twelve thirteen?",
