@@ -23,7 +23,6 @@ names them, with an error saying what to install when they are absent. docs/text
 
 from __future__ import annotations
 
-import base64
 import csv
 import gzip
 import hashlib
@@ -47,7 +46,7 @@ SPLIT_SIZES = {"calibration": 768, "heldout": 256}  # chunks kept per source and
 BUILTIN = "builtin"
 VENDORED_FILE = "builtin_text.json.gz"  # in hf_mlpfusion/data_files/
 TEXT_SUFFIXES = (".txt",)  # a folder's text files; any other single file that is not a table is text too
-TABLE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet"}
+TABLE_KINDS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "tsv", ".parquet": "parquet"}
 
 # Where the installed sources live (module-level so a test or a non-Debian user can point elsewhere).
 WORDNET_DIR = Path("/usr/share/wordnet")
@@ -648,13 +647,14 @@ def _read_lines(path: Path) -> list[str]:
     return [ln.strip() for ln in raw.splitlines() if ln.strip()]
 
 
-def _read_tables(builder: str, paths: list[Path], column: str | None) -> list[str]:
-    """The text column of data files read through `datasets` (imported here: it is slow to import)."""
+def _read_tables(kind: str, paths: list[Path], column: str | None) -> list[str]:
+    """The text column of data files of one kind (TABLE_KINDS), read through `datasets` in one go
+    (imported here: it is slow to import)."""
     import tempfile
 
     import datasets
 
-    kwargs = {"delimiter": "\t"} if builder == "csv" and all(p.suffix == ".tsv" for p in paths) else {}
+    builder, kwargs = ("csv", {"delimiter": "\t"}) if kind == "tsv" else (kind, {})
     names = ", ".join(str(p) for p in paths[:3]) + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
     bars = not datasets.are_progress_bars_disabled()
     datasets.disable_progress_bars()
@@ -686,8 +686,8 @@ def _read_tables(builder: str, paths: list[Path], column: str | None) -> list[st
     return [v.strip() for v in ds[column] if v is not None and v.strip()]
 
 
-def _table_builder(path: Path) -> str | None:
-    return TABLE_BUILDERS.get(path.suffix.lower())
+def _table_kind(path: Path) -> str | None:
+    return TABLE_KINDS.get(path.suffix.lower())
 
 
 def load_user_texts(path: str | Path, *, column: str | None = None) -> list[str]:
@@ -696,33 +696,34 @@ def load_user_texts(path: str | Path, *, column: str | None = None) -> list[str]
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file()
                        and not any(part.startswith(".") for part in p.relative_to(path).parts)
-                       and (p.suffix.lower() in TEXT_SUFFIXES or _table_builder(p)))
+                       and (p.suffix.lower() in TEXT_SUFFIXES or _table_kind(p)))
         if not files:
             raise InvalidConfigError(f"folder {path} has no .txt, .jsonl, .json, .csv, .tsv or .parquet files: {_WHAT}")
-        if column is not None and not any(_table_builder(p) for p in files):
+        if column is not None and not any(_table_kind(p) for p in files):
             raise InvalidConfigError(f"column={column!r} names a column, but folder {path} holds only text files "
                                      f"(one sample per line): drop column=")
-        groups: dict[str, list[Path]] = {}
-        for p in files:  # text files one by one; each table format read in one go, groups in first-file order
-            groups.setdefault(_table_builder(p) or str(p), []).append(p)
+        groups: dict[tuple[str, str], list[Path]] = {}
+        for p in files:  # text files one by one; each table kind read in one go; groups in first-file order
+            kind = _table_kind(p)
+            groups.setdefault(("table", kind) if kind else ("text", str(p)), []).append(p)
         texts = []
-        for key, paths in groups.items():
-            texts += _read_tables(key, paths, column) if key in TABLE_BUILDERS.values() else _read_lines(paths[0])
+        for (what, kind), paths in groups.items():
+            texts += _read_tables(kind, paths, column) if what == "table" else _read_lines(paths[0])
         if not texts:
             raise InvalidConfigError(f"folder {path} has no text in its files: put one sample per line")
         return texts
     if not path.is_file():
         raise InvalidConfigError(f"calibration text {path} not found: {_WHAT}")
-    builder = _table_builder(path)
-    if builder is None:
+    kind = _table_kind(path)
+    if kind is None:
         if column is not None:
             raise InvalidConfigError(f"column={column!r} names a column, but {path} is a text file "
                                      f"(one sample per line): drop column=, or give a .jsonl/.csv/.parquet file")
         texts = _read_lines(path)
     else:
-        texts = _read_tables(builder, [path], column)
+        texts = _read_tables(kind, [path], column)
     if not texts:
-        raise InvalidConfigError(f"{path} has no text: put one sample per line" if builder is None
+        raise InvalidConfigError(f"{path} has no text: put one sample per line" if kind is None
                                  else f"{path} has no non-empty values in its text column: check the file")
     return texts
 
@@ -757,6 +758,8 @@ def load_calibration(spec: str | Path | None = BUILTIN, *, column: str | None = 
                     break
                 keep, total = keep + 1, total + n
             texts = texts[:keep]
-    if not texts:
+    if not texts and max_tokens is not None:
         raise InvalidConfigError(f"token budget {max_tokens} is smaller than the first sample: raise it")
+    if not texts:
+        raise InvalidConfigError(f"{spec} gives no calibration text: name other sources")
     return texts

@@ -337,6 +337,12 @@ def test_folder_of_files(tmp_path):
     assert T.load_calibration(shards) == ["delta four", "alpha one", "beta two", "gamma three",  # both .jsonl
                                           "alpha one", "beta two", "gamma three"]  # then the .parquet
     assert T.load_calibration(shards, column="body") == ["b4", "b1", "b3", "b1", "b3"]
+    mixed = tmp_path / "mixed"
+    _write_tables(mixed)
+    (mixed / "t.jsonl").unlink()
+    (mixed / "t.parquet").unlink()
+    # a .csv and a .tsv side by side: each read with its own delimiter
+    assert T.load_calibration(mixed) == ["alpha one", "beta two", "gamma three"] * 2
 
 
 @pytest.mark.parametrize("make, says", [
