@@ -34,6 +34,7 @@ from .core.metric import DataMetric, MetricStats
 from .core.mlp import hidden
 from .errors import InvalidConfigError
 from .families import Family, family_of
+from .propagate import run_block, trace
 
 RIDGE = 1e-6  # times the mean diagonal of the normal matrix
 DISTILL_LR = 1e-3  # measured on MiniLM: 1e-3 beat 1e-4 at 300 steps
@@ -362,8 +363,6 @@ def calibrate(original, fused, texts: list[str], tokenizer, *, refit: bool = Tru
     was_training = (original.training, fused.training)
     original.eval()
     fused.eval()
-    report = []
-    tokens = 0
     try:
         with float32(original, fused):
             report, tokens = _calibrate_layers(original, fused, fo, ff, blocks_o, blocks_f, layers, encoded, refit=refit,
@@ -385,16 +384,38 @@ def calibrate(original, fused, texts: list[str], tokenizer, *, refit: bool = Tru
     }
 
 
+def _mlp_points(family: Family, block: nn.Module) -> dict[str, nn.Module]:
+    """The modules whose first input is the MLP's input ("x") and the residual stream ("r")."""
+    points = {"x": family.projections(block)[0][0]}
+    residual = family.residual_input(block)
+    if residual is not None:
+        points["r"] = residual
+    return points
+
+
 def _calibrate_layers(original, fused, fo, ff, blocks_o, blocks_f, layers, encoded, *, refit, distill_steps, seed,
                       ridge, distill_lr, target, weighting, say):
-    """The layer-by-layer loop of `calibrate` (models already in float32 and eval mode)."""
+    """The layer-by-layer loop of `calibrate` (models already in float32 and eval mode).
+
+    Both models run one block at a time on stored hidden states (`propagate`): every block once,
+    so the cost is linear in depth. Up to the first fused layer the two models agree and share them."""
     report = []
     tokens = 0
-    for i in layers:
+    tr_o, tr_f = trace(original, fo, encoded), trace(fused, ff, encoded)
+    h_o = tr_o.hidden
+    h_f = h_o  # identical until the first fused layer
+    todo = set(layers)
+    for i in range(max(layers) + 1 if layers else 0):
+        if i not in todo:
+            h_o, _ = run_block(blocks_o[i], tr_o, i, h_o)
+            h_f = h_o if h_f is h_o and i < min(layers) else run_block(blocks_f[i], tr_f, i, h_f)[0]
+            continue
         say(f"calibrating layer {i} ({layers.index(i) + 1}/{len(layers)})")
-        x, r_f = capture_mlp_and_residual(fused, i, encoded)
+        next_o, got_o = run_block(blocks_o[i], tr_o, i, h_o, capture=_mlp_points(fo, blocks_o[i]))
+        _, got_f = run_block(blocks_f[i], tr_f, i, h_f, capture=_mlp_points(ff, blocks_f[i]))
+        x, r_f = got_f["x"], got_f.get("r", got_f["x"])
+        x_o, r_o = (got_o["x"], got_o.get("r", got_o["x"])) if target == "residual" else (x, r_f)
         tokens = x.shape[0]
-        x_o, r_o = capture_mlp_and_residual(original, i, encoded) if target == "residual" else (x, r_f)
         with torch.no_grad():
             y = torch.cat([mlp_apply(fo, blocks_o[i], x_o[s : s + 8192]).float()
                            for s in range(0, x.shape[0], 8192)])
@@ -416,4 +437,6 @@ def _calibrate_layers(original, fused, fo, ff, blocks_o, blocks_f, layers, encod
                 entry["final_refit_kept"] = kept
         entry["error_after"] = _sq_error(ff, blocks_f[i], x, y, w) / ref
         report.append(entry)
+        h_o = next_o
+        h_f = run_block(blocks_f[i], tr_f, i, h_f)[0]  # with the calibrated MLP
     return report, tokens

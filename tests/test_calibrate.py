@@ -47,7 +47,7 @@ def layer_errors(original, fused, texts, tok) -> dict[int, float]:
     return out
 
 
-@pytest.mark.parametrize("family,head", [("bert", "BertModel"), ("roberta", "RobertaForMaskedLM"), ("gpt2", "GPT2LMHeadModel")])
+@pytest.mark.parametrize("family,head", tiny.one_head_per_type())
 def test_refit_lowers_every_layer_error(tok, family, head):
     m = tiny.model(family, head)
     fused = fuse(m, FusionConfig(ratio=0.25, layers=[0, 2], seed=0))
@@ -213,7 +213,7 @@ def _residual_sum_errors(original, fused, texts, tok) -> dict[int, float]:
     return out
 
 
-@pytest.mark.parametrize("family,head", [("bert", "BertModel"), ("gpt2", "GPT2Model")])
+@pytest.mark.parametrize("family,head", [(mt, tiny.HEADS[mt][0]) for mt in tiny.MODEL_TYPES])
 def test_residual_target_matches_the_original_residual_stream(tok, family, head):
     m = tiny.model(family, head, layers=3)
     fused = fuse(m, FusionConfig(ratio=0.25, seed=0))

@@ -1,0 +1,135 @@
+"""Run a model one block at a time on stored hidden states (linear in depth).
+
+Calibration needs, for every fused layer, what enters that layer's MLP in the fused model and in
+the original. Running each model from its embeddings for every layer costs depth^2 blocks; this
+module runs every block once instead:
+
+1. `trace(model, encoded)` runs the model's own forward pass with every block replaced by an
+   identity that records the block's arguments (the model still computes its attention masks,
+   rotary embeddings, ... as it always does), so no block's weights are touched;
+2. `BlockStream.step(i)` then runs block i alone on the hidden states that block i - 1 produced,
+   with the arguments traced for it, and keeps its output for block i + 1.
+
+Hooks can be put on any module inside the block while it runs (`run_block(..., capture=...)`), which
+is how calibration reads the MLP's input and the residual stream at the non-padding tokens.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .families import Family
+
+
+class _Identity(Exception):
+    pass
+
+
+@dataclass
+class Trace:
+    """Per batch: the hidden states entering block 0, each block's other arguments, and the mask."""
+
+    hidden: list[torch.Tensor]  # [B, T, d] per batch
+    args: list[list[tuple]]  # args[i][b]: positional arguments of block i after the hidden states
+    kwargs: list[list[dict]]  # kwargs[i][b]: keyword arguments of block i
+    masks: list[torch.Tensor]  # [B, T] attention mask per batch
+    tuple_output: bool = False  # whether a block returns a tuple (hidden states first)
+    extra: list = field(default_factory=list)
+
+
+def _block_output(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _run_body(model: nn.Module, batch: dict, device) -> None:
+    body = model.base_model
+    kwargs = {k: v.to(device) for k, v in batch.items()}
+    params = inspect.signature(body.forward).parameters
+    if "use_cache" in params or any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        kwargs["use_cache"] = False  # no key/value cache objects in the traced arguments
+    body(**kwargs)
+
+
+def trace(model: nn.Module, family: Family, encoded: list[dict]) -> Trace:
+    """Record every block's inputs for every batch without running any block (see the module docstring)."""
+    blocks = family.block_list(model)
+    n = len(blocks)
+    t = Trace([], [[] for _ in range(n)], [[] for _ in range(n)], [])
+    device = next(model.parameters()).device
+    # what a block returns (tensor or tuple): ask the first block once, on the first batch
+    first = {}
+
+    def probe(module, args, kwargs, output):
+        first["tuple"] = isinstance(output, (tuple, list))
+        first["len"] = len(output) if isinstance(output, (tuple, list)) else 0
+        raise _Identity
+
+    handle = blocks[0].register_forward_hook(probe, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            try:
+                _run_body(model, encoded[0], device)
+            except _Identity:
+                pass
+    finally:
+        handle.remove()
+    t.tuple_output = first.get("tuple", False)
+
+    originals = [b.forward for b in blocks]
+
+    def recorder(i):
+        def forward(*args, **kwargs):
+            hidden = args[0] if args else kwargs.pop("hidden_states")
+            if i == 0:
+                t.hidden.append(hidden.detach())
+            t.args[i].append(tuple(args[1:]))
+            t.kwargs[i].append(dict(kwargs))
+            if t.tuple_output:
+                return (hidden,) + (None,) * (first["len"] - 1)
+            return hidden
+
+        return forward
+
+    try:
+        for i, b in enumerate(blocks):
+            b.forward = recorder(i)
+        with torch.no_grad():
+            for batch in encoded:
+                t.masks.append(batch["attention_mask"])
+                _run_body(model, batch, device)
+    finally:
+        for b, f in zip(blocks, originals):
+            b.forward = f
+    return t
+
+
+def run_block(block: nn.Module, trace_: Trace, i: int, hidden: list[torch.Tensor],
+              capture: dict[str, nn.Module] | None = None) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+    """Block i on `hidden` (one tensor per batch): its outputs, and the first input of each module in
+    `capture` at the non-padding tokens ([N, d] float32 on the CPU, batches concatenated)."""
+    got: dict[str, list[torch.Tensor]] = {name: [] for name in (capture or {})}
+    mask_box: list[torch.Tensor] = []
+    handles = []
+    for name, module in (capture or {}).items():
+        def hook(mod, args, name=name):
+            got[name].append(args[0][mask_box[0].to(args[0].device).bool()].detach().float().cpu())
+
+        handles.append(module.register_forward_pre_hook(hook))
+    outs = []
+    try:
+        with torch.no_grad():
+            for b, h in enumerate(hidden):
+                mask_box[:] = [trace_.masks[b]]
+                out = block(h, *trace_.args[i][b], **trace_.kwargs[i][b])
+                outs.append(_block_output(out))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return outs, {name: torch.cat(v) if v else torch.empty(0) for name, v in got.items()}
+
+
+__all__ = ["Trace", "run_block", "trace"]
