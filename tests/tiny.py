@@ -38,12 +38,13 @@ def auto_class_name(model_type: str, head: str) -> str | None:
 
 
 def one_head_per_type() -> list[tuple[str, str]]:
-    """A language-model head where the type has one (else the base model): one case per model type."""
+    """The language-model head of each model type (causal for decoders, masked for encoders), else its
+    base model: one case per model type."""
     out = []
     for mt in MODEL_TYPES:
-        names = HEADS[mt]
-        pick = next((h for h in names if h.endswith(("ForCausalLM", "LMHeadModel", "ForMaskedLM"))), names[0])
-        out.append((mt, pick))
+        heads = family_for(mt).heads(mt)
+        want = "AutoModelForCausalLM" if family_for(mt).decoder else "AutoModelForMaskedLM"
+        out.append((mt, next((h for h, auto in heads.items() if auto == want), HEADS[mt][0])))
     return out
 
 
