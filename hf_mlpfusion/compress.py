@@ -306,7 +306,8 @@ def compress(model_id: str | None = None, config: FusionConfig | None = None, ou
              token: str | None = None, progress: Callable[[str], None] | None = None,
              calibration: str | Path | None = None, distill_steps: int = 0,
              calibration_samples: int = 1024, data_aware: bool | None = None,
-             repo_id: str | None = None, calibration_column: str | None = None) -> CompressResult:
+             repo_id: str | None = None, calibration_column: str | None = None,
+             allocate: bool = False) -> CompressResult:
     """Fuse a checkpoint (folder or Hub id; None = the built-in MiniLM) and save it to `output`.
 
     `calibration` ("builtin" for the built-in multi-domain mix, a spec such as "builtin:-bible", or
@@ -317,6 +318,8 @@ def compress(model_id: str | None = None, config: FusionConfig | None = None, ou
     `hf_mlpfusion.fusion.DataMetric`); None (default) = on whenever there is calibration text and the
     method clusters (fusion, cluster).
     `repo_id` is the Hub repo the result is meant for (used in the model card's loading snippets).
+    `allocate` chooses each fused layer's width from its measured cost on the calibration text, under
+    the budget the ratio sets for all of them (`hf_mlpfusion.allocate`).
     """
     config = config or FusionConfig()
     say = progress or (lambda msg: None)
@@ -324,6 +327,8 @@ def compress(model_id: str | None = None, config: FusionConfig | None = None, ou
     if distill_steps < 0:
         raise InvalidConfigError(f"distill steps {distill_steps} is negative: use 0 (off) or more")
     data_aware = resolve_data_aware(data_aware, calibration, config.method)
+    if allocate and calibration is None:
+        raise InvalidConfigError("--allocate measures each layer on calibration text: add --calibration builtin (or a file)")
     _prepare_output(output, overwrite)
     seconds = {}
 
@@ -353,11 +358,26 @@ def compress(model_id: str | None = None, config: FusionConfig | None = None, ou
         metrics = data_metrics(model, config.resolve_layers(family.num_layers(model.config)), texts, tokenizer)
         seconds["statistics"] = time.perf_counter() - t0
 
+    allocation = None
+    if allocate:
+        from dataclasses import replace
+
+        from .allocate import allocate as allocate_widths
+
+        t0 = time.perf_counter()
+        say("measuring each layer at candidate widths (allocation)")
+        allocation = allocate_widths(model, config, texts, tokenizer, metrics=metrics, progress=say)
+        config = replace(config, widths=allocation.widths)
+        seconds["allocate"] = time.perf_counter() - t0
+
     t0 = time.perf_counter()
     source = model_id if model_id is not None else f"sentence-transformers/{DEFAULT_MODEL_NAME}"
     if gguf is not None:
         source = gguf.name  # a local file: recorded by its name, never by its path
-    fused = fuse(model, config, source=str(source), metrics=metrics, progress=say)
+    fused = fuse(model, config, source=str(source), metrics=metrics, progress=say,
+                 precomputed=allocation.reductions if allocation is not None else None)
+    if allocation is not None:
+        fused.config.mlpfusion["allocation"] = allocation.summary()
     seconds["fuse"] = time.perf_counter() - t0
 
     if texts is not None:

@@ -41,6 +41,13 @@ def parse_layers(spec: str | Sequence[int] | range | None) -> list[int] | None:
     return sorted(set(values))
 
 
+def round_width(k: int, width: int, multiple: int) -> int:
+    """k rounded to the nearest multiple of `multiple` (at least one multiple, at most `width`)."""
+    if multiple <= 1:
+        return k
+    return min(width, max(multiple, int(math.floor(k / multiple + 0.5)) * multiple))
+
+
 @dataclass
 class FusionConfig:
     """Settings of one fusion run.
@@ -51,6 +58,9 @@ class FusionConfig:
     (None = its documented defaults). `device="auto"` clusters on CUDA when available.
     `fold_scale=True` folds the frozen count vector into W2 (exact for inference; the paper keeps it
     separate so the fused MLP's NTK matches the original's during fine-tuning).
+    `widths` (layer -> width) sets some layers' widths directly, e.g. from `allocate` (the ratio then
+    stays the budget it was chosen under); `width_multiple` rounds every fused width to a multiple
+    (8 or 64 run fastest on most hardware).
     """
 
     ratio: float | None = None
@@ -63,6 +73,8 @@ class FusionConfig:
     tol: float | None = None
     device: str = "auto"
     fold_scale: bool = False
+    widths: dict | None = None
+    width_multiple: int = 1
     extra: dict = field(default_factory=dict)  # method-specific options (e.g. calibration settings)
 
     def __post_init__(self):
@@ -94,9 +106,27 @@ class FusionConfig:
             raise InvalidConfigError("n_init must be at least 1")
         if self.max_iter is not None and self.max_iter < 0:
             raise InvalidConfigError("max_iter must be non-negative")
+        if isinstance(self.width_multiple, bool) or not isinstance(self.width_multiple, int) or self.width_multiple < 1:
+            raise InvalidConfigError(f"bad width multiple {self.width_multiple!r}: use a whole number of at least 1 (8 or 64 are usual)")
+        if self.widths is not None:
+            try:
+                self.widths = {int(i): int(w) for i, w in dict(self.widths).items()}
+            except (TypeError, ValueError):
+                raise InvalidConfigError("widths must map layer indices to whole numbers") from None
+            bad = {i: w for i, w in self.widths.items() if i < 0 or w < 1}
+            if bad:
+                raise InvalidConfigError(f"bad per-layer widths {bad}: layers are 0-based and widths at least 1")
 
-    def width_for(self, width: int) -> int:
-        """The fused width of an MLP that has `width` neurons."""
+    def width_for(self, width: int, layer: int | None = None) -> int:
+        """The fused width of an MLP that has `width` neurons (layer `layer`)."""
+        if self.widths is not None and layer in self.widths:
+            k = self.widths[layer]
+            if k > width:
+                raise InvalidConfigError(f"width {k} for layer {layer} is larger than its {width} neurons")
+            return k
+        return round_width(self._width_for(width), width, self.width_multiple)
+
+    def _width_for(self, width: int) -> int:
         if self.intermediate_size is not None:
             k = self.intermediate_size
             if k > width:
@@ -112,6 +142,10 @@ class FusionConfig:
         return min(k, width)
 
     def resolve_layers(self, num_layers: int) -> list[int]:
+        if self.widths is not None:
+            bad = sorted(i for i in self.widths if i >= num_layers or (self.layers is not None and i not in self.layers))
+            if bad:
+                raise InvalidConfigError(f"widths given for layer(s) {bad}, which are not fused (or not in the model)")
         if self.layers is None:
             return list(range(num_layers))
         bad = [i for i in self.layers if i >= num_layers]

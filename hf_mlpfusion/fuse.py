@@ -80,12 +80,15 @@ def check_data_aware_method(method: str) -> None:
 
 
 def fuse(model: PreTrainedModel, config: FusionConfig | None = None, *, source: str | None = None,
-         metrics: dict[int, DataMetric] | None = None, progress: Progress | None = None) -> PreTrainedModel:
+         metrics: dict[int, DataMetric] | None = None, progress: Progress | None = None,
+         precomputed: dict[tuple[int, int], Reduction] | None = None) -> PreTrainedModel:
     """Return a fused copy of `model` (the input is left untouched).
 
     `source` is recorded in the metadata as the source model (defaults to the model's name_or_path).
     `metrics` (layer -> `DataMetric`, from `hf_mlpfusion.calibrate.data_metrics`) makes the
     clustering data-aware; only the clustering methods (fusion, cluster) take it.
+    `precomputed` ((layer, width) -> `Reduction`, e.g. `allocate(...).reductions`) are reductions made
+    with this config already; they are used instead of reducing those layers again.
     """
     config = config or FusionConfig()
     say = progress or (lambda msg: None)
@@ -99,7 +102,7 @@ def fuse(model: PreTrainedModel, config: FusionConfig | None = None, *, source: 
     mlps = [family.read(b) for b in blocks]
     widths_before = [w.width for w in mlps]
     weights = {i: mlps[i] for i in layers}
-    new_width = {i: config.width_for(weights[i].width) for i in layers}
+    new_width = {i: config.width_for(weights[i].width, i) for i in layers}
     if metrics is not None:
         check_data_aware_method(config.method)
         missing = [i for i in layers if i not in metrics]
@@ -108,7 +111,9 @@ def fuse(model: PreTrainedModel, config: FusionConfig | None = None, *, source: 
                                      "compute them for every fused layer")
 
     say(f"clustering {len(layers)} layer(s) with {config.method}")
-    reduced = reduce_layers(weights, new_width, config, metrics)
+    ready = {i: precomputed[(i, new_width[i])] for i in layers if precomputed and (i, new_width[i]) in precomputed}
+    todo = [i for i in layers if i not in ready]
+    reduced = {**reduce_layers({i: weights[i] for i in todo}, {i: new_width[i] for i in todo}, config, metrics), **ready}
 
     widths_after = [new_width.get(i, w) for i, w in enumerate(widths_before)]
     count_layers = [i for i in layers if reduced[i].counts is not None]
@@ -120,6 +125,7 @@ def fuse(model: PreTrainedModel, config: FusionConfig | None = None, *, source: 
         "layers": layers,
         "seed": config.seed,
         "fold_scale": config.fold_scale,
+        "width_multiple": config.width_multiple,
         "kmeans": _resolved_kmeans_options(config) if config.method in DATA_AWARE_METHODS else None,
         "clustering": (("data-aware" if metrics is not None else "data-free")
                        if config.method in DATA_AWARE_METHODS else None),

@@ -31,6 +31,8 @@ def compress(
     distill_steps: Annotated[int, typer.Option("--distill-steps", help="Layer-wise distillation steps towards the original MLPs after fusion (0 = off).")] = 0,
     calibration_samples: Annotated[int, typer.Option("--calibration-samples", help="At most this many calibration samples (more samples measured better fidelity).")] = 1024,
     data_aware: Annotated[Optional[bool], typer.Option("--data-aware/--data-free", help="Cluster in a metric measured on the calibration text's MLP inputs (default: on with --calibration for fusion and cluster), or the paper's data-free clustering.", show_default=False)] = None,
+    allocate: Annotated[bool, typer.Option("--allocate", help="Choose each fused layer's width from its measured cost on the calibration text, under the budget --ratio sets for all of them (needs --calibration).")] = False,
+    width_multiple: Annotated[int, typer.Option("--width-multiple", help="Round fused widths to a multiple of this (8 or 64 run fastest).")] = 1,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the output folder if it exists.")] = False,
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Accept a checkpoint that only has pickled (.bin) weights. Only for sources you trust.")] = False,
     revision: Annotated[Optional[str], typer.Option("--revision", help="Revision of the source model on the Hub.", show_default=False)] = None,
@@ -45,7 +47,8 @@ def compress(
     from hf_mlpfusion.compress import compress as run_compress
 
     config = FusionConfig(ratio=ratio, intermediate_size=intermediate_size, layers=layers, seed=seed,
-                          method=method, n_init=n_init, max_iter=max_iter, device=device, fold_scale=fold_scale)
+                          method=method, n_init=n_init, max_iter=max_iter, device=device, fold_scale=fold_scale,
+                          width_multiple=width_multiple)
     if push_to_hub:
         from hf_mlpfusion import hub
 
@@ -57,7 +60,7 @@ def compress(
                               revision=revision, token=token, progress=lambda msg: status.update(msg),
                               calibration=calibration, distill_steps=distill_steps,
                               calibration_samples=calibration_samples, data_aware=data_aware,
-                              repo_id=push_to_hub, calibration_column=calibration_column)
+                              repo_id=push_to_hub, calibration_column=calibration_column, allocate=allocate)
     print_summary(result)
 
     if push_to_hub:
