@@ -264,14 +264,18 @@ def latency_ms(model, batch: dict, repeats: int = 5) -> float:
     return 1000 * statistics.median(times)
 
 
-def evaluate(original, fused, texts: list[str] | None = None, tokenizer=None, *, samples: int | None = 256,
-             ntk_examples: int = 16, max_length: int = 128, batch_size: int = 16, latency_repeats: int = 5,
-             seed: int = 0, progress=None) -> EvaluationReport:
-    """Compare `fused` with `original` (models or checkpoint folders) on `texts` (None = the
-    built-in held-out English text). `ntk_examples=0` skips the NTK, `latency_repeats=0` the timing."""
-    from .data import load_texts
+@dataclass
+class _Prepared:
+    """Both models loaded, the tokenizer and the pooling to use (what `evaluate` needs before any text)."""
 
-    say = progress or (lambda msg: None)
+    original: object
+    fused: object
+    tokenizer: object
+    pooling: object
+    names: list
+
+
+def _prepare(original, fused, tokenizer, say) -> _Prepared:
     names = [str(original) if isinstance(original, (str, Path)) else str(getattr(original.config, "_name_or_path", "") or "original"),
              str(fused) if isinstance(fused, (str, Path)) else str(getattr(fused.config, "_name_or_path", "") or "fused")]
     if tokenizer is None:
@@ -287,6 +291,25 @@ def evaluate(original, fused, texts: list[str] | None = None, tokenizer=None, *,
         fused = load_any(fused)
     if family_of(original).name != family_of(fused).name:
         raise InvalidConfigError("the two models are of different families: compare a fused model with its original")
+    return _Prepared(original, fused, tokenizer, pooling, names)
+
+
+def evaluate(original, fused, texts: list[str] | None = None, tokenizer=None, *, samples: int | None = 256,
+             ntk_examples: int = 16, max_length: int = 128, batch_size: int = 16, latency_repeats: int = 5,
+             seed: int = 0, progress=None) -> EvaluationReport:
+    """Compare `fused` with `original` (models or checkpoint folders) on `texts` (None = the
+    built-in held-out English text). `ntk_examples=0` skips the NTK, `latency_repeats=0` the timing."""
+    say = progress or (lambda msg: None)
+    return _evaluate(_prepare(original, fused, tokenizer, say), texts, samples=samples, ntk_examples=ntk_examples,
+                     max_length=max_length, batch_size=batch_size, latency_repeats=latency_repeats, seed=seed, say=say)
+
+
+def _evaluate(prepared: _Prepared, texts, *, samples, ntk_examples, max_length, batch_size, latency_repeats, seed,
+              say) -> EvaluationReport:
+    from .data import load_texts
+
+    original, fused, tokenizer, pooling, names = (prepared.original, prepared.fused, prepared.tokenizer,
+                                                  prepared.pooling, prepared.names)
     texts = load_texts(None, split="heldout", limit=samples) if texts is None else list(texts)[:samples]
     if not texts:
         raise InvalidConfigError("no text to evaluate on")
@@ -332,3 +355,28 @@ def evaluate(original, fused, texts: list[str] | None = None, tokenizer=None, *,
         original.train(was[0])
         fused.train(was[1])
     return report
+
+
+def evaluate_domains(original, fused, domains: dict[str, list[str]] | str | None = None, tokenizer=None, *,
+                     samples: int | None = 256, ntk_examples: int = 16, latency_repeats: int = 5,
+                     progress=None, **kwargs) -> dict[str, EvaluationReport]:
+    """`evaluate` on each of several texts: {domain name: report}. `domains` is a dict of texts, a
+    built-in spec (`"builtin"` = the held-out split of every source of the built-in mix,
+    `"builtin:all"` = of every source installed, `"builtin:bible,tweets"` = of those), or None
+    (= "builtin"). The NTK and the latency, which do not depend on the text much, are measured on
+    the first domain only."""
+    from .text import heldout_texts
+
+    say = progress or (lambda msg: None)
+    if domains is None or isinstance(domains, str):
+        domains = heldout_texts(domains or "builtin", limit=samples)
+    if not domains:
+        raise InvalidConfigError("no texts to evaluate on: give at least one domain")
+    prepared = _prepare(original, fused, tokenizer, say)
+    out = {}
+    for j, (name, texts) in enumerate(domains.items()):
+        say(f"domain {name} ({j + 1}/{len(domains)})")
+        opts = {"max_length": 128, "batch_size": 16, "seed": 0, **kwargs}
+        out[name] = _evaluate(prepared, texts, samples=samples, ntk_examples=ntk_examples if j == 0 else 0,
+                              latency_repeats=latency_repeats if j == 0 else 0, say=say, **opts)
+    return out
