@@ -27,10 +27,21 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-_JIT = dict(cache=True, nogil=True, boundscheck=False)
+_OPTS = dict(nogil=True, boundscheck=False)
 
 
-@njit(**_JIT)
+def _jit(**flags):
+    """``numba.njit`` with an on-disk cache where one can be written (next to this file, else the
+    user's cache directory or ``NUMBA_CACHE_DIR``); without one, it compiles in every process."""
+    def deco(fn):
+        try:
+            return njit(cache=True, **_OPTS, **flags)(fn)
+        except RuntimeError:  # numba: "cannot cache function ...: no locator available"
+            return njit(cache=False, **_OPTS, **flags)(fn)
+    return deco
+
+
+@_jit()
 def kmeanspp(gram, k, u_first, u_trials, labels):
     """Greedy k-means++ (scikit-learn's variant) from the Gram matrix; writes the index of the
     nearest seed of every point into ``labels`` and returns the chosen points [k].
@@ -114,7 +125,7 @@ def kmeanspp(gram, k, u_first, u_trials, labels):
     return chosen
 
 
-@njit(**_JIT)
+@_jit()
 def mirror_lower(gram):
     """Copy the lower triangle of the square ``gram`` onto the upper one, in place, by tiles."""
     n = gram.shape[0]
@@ -128,7 +139,7 @@ def mirror_lower(gram):
                     gram[j, i] = gram[i, j]
 
 
-@njit(fastmath={"reassoc", "nsz"}, **_JIT)
+@_jit(fastmath={"reassoc", "nsz"})
 def _potential(grow, diag, dc, mind):
     """``sum_j min(mind_j, |x_j - x_c|^2)`` for the point c of Gram row ``grow`` (the sum is
     reassociated so that it vectorises: a fixed order for a given compiled kernel)."""
@@ -140,7 +151,7 @@ def _potential(grow, diag, dc, mind):
     return pot
 
 
-@njit(**_JIT)
+@_jit()
 def cluster_sums(gram, labels, k, SX, SS, cnt):
     """Recompute ``SX`` [k, n] (``SX[c, j] = x_j . s_c``), ``SS`` [k] and ``cnt`` [k] from
     ``labels`` (float64 sums, members in index order)."""
@@ -159,7 +170,7 @@ def cluster_sums(gram, labels, k, SX, SS, cnt):
         SS[labels[j]] += SX[labels[j], j]
 
 
-@njit(**_JIT)
+@_jit()
 def lloyd(gram, k, chosen, labels, max_iter, thresh, SX, SS, cnt):
     """Lloyd iterations in Gram space from the seeds ``chosen`` and the ``labels`` (nearest seed)
     whose sums ``SX``, ``SS``, ``cnt`` are given; updates all four in place and returns the number
@@ -236,7 +247,7 @@ def lloyd(gram, k, chosen, labels, max_iter, thresh, SX, SS, cnt):
     return it
 
 
-@njit(**_JIT)
+@_jit()
 def _move(gram, j, a, b, labels, SX, SS, cnt):
     """Move point j from cluster a to cluster b, updating the sums."""
     g = np.float64(gram[j, j])
@@ -254,7 +265,7 @@ def _move(gram, j, a, b, labels, SX, SS, cnt):
     labels[j] = b
 
 
-@njit(**_JIT)
+@_jit()
 def fill_empty(labels, dist, k):
     """Give every empty cluster the farthest point (``dist``, ties to the lower index) of a cluster
     that has more than one point, in place."""
@@ -290,7 +301,7 @@ def fill_empty(labels, dist, k):
 _BLOCK = 64  # points scanned together in the Hartigan sweep
 
 
-@njit(**_JIT)
+@_jit()
 def hartigan(gram, k, labels, rel_tol, max_sweeps, SX, SS, cnt):
     """Sequential Hartigan single-point moves to convergence, in place; returns the moves made.
 
@@ -366,7 +377,7 @@ def hartigan(gram, k, labels, rel_tol, max_sweeps, SX, SS, cnt):
     return moves
 
 
-@njit(**_JIT)
+@_jit()
 def _block_scan(SX, A, Bc, C, d, lab, j0, m, bval, bidx):
     """Cheapest destination (value ``bval``, cluster ``bidx``, ties to the lower cluster) other
     than their own (``lab``) of the ``m`` points from ``j0`` on; branch-free so it vectorises."""
@@ -383,7 +394,7 @@ def _block_scan(SX, A, Bc, C, d, lab, j0, m, bval, bidx):
             bidx[q] = c if ok else bidx[q]
 
 
-@njit(**_JIT)
+@_jit()
 def _coef(c, cnt, SS, A, Bc, C):
     """Coefficients of the cost of adding a point to cluster c (see ``hartigan``)."""
     nc = cnt[c]
@@ -392,7 +403,7 @@ def _coef(c, cnt, SS, A, Bc, C):
     C[c] = SS[c] / (nc * (nc + 1.0)) if nc > 0 else 0.0
 
 
-@njit(**_JIT)
+@_jit()
 def solve_run(gram, k, dim, u_first, u_trials, max_iter, tol, refine, rel_tol, max_sweeps, labels):
     """One run: seeding, Lloyd, Hartigan. Writes ``labels`` [n]; returns (Lloyd iters, moves).
 
@@ -414,7 +425,7 @@ def solve_run(gram, k, dim, u_first, u_trials, max_iter, tol, refine, rel_tol, m
     return it, moves
 
 
-@njit(**_JIT)
+@_jit()
 def center(x, out):
     """``out`` (float32) = ``x`` [n, dim] minus its float64 column means (summed in index order)."""
     n, dim = x.shape
@@ -432,7 +443,7 @@ def center(x, out):
             oi[d] = np.float32(xi[d] - mean[d])
 
 
-@njit(**_JIT)
+@_jit()
 def exact_stats(x, labels, k, centers):
     """Float64 means ``centers`` [k, dim] of the points of ``x`` [n, dim] (summed in index order;
     an empty cluster's mean is 0) and the exact float64 inertia, which is returned."""
@@ -455,7 +466,7 @@ def exact_stats(x, labels, k, centers):
     return inertia
 
 
-@njit(fastmath={"reassoc", "nsz"}, **_JIT)
+@_jit(fastmath={"reassoc", "nsz"})
 def _sqdist(xi, row):
     """Float64 ``|xi - row|^2`` (reassociated so that it vectorises; a fixed order)."""
     s = 0.0
