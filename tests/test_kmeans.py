@@ -405,6 +405,23 @@ def test_exact_stats_cpu_kernel_matches_the_torch_finish():
             assert ine == pytest.approx(float(ine_t[g, r]), rel=1e-12)
 
 
+def test_kernels_compile_without_a_writable_cache(monkeypatch):
+    real = K.njit
+
+    def njit(*args, cache=False, **kw):
+        if cache:  # what numba raises when no cache location can be written
+            raise RuntimeError("cannot cache function 'f': no locator available for file 'x.py'")
+        return real(*args, **kw)
+
+    monkeypatch.setattr(K, "njit", njit)
+
+    @K._jit()
+    def f(a):
+        return a + 1
+
+    assert f(1) == 2
+
+
 # ---------------------------------------------------------------------------------- validation
 @pytest.mark.parametrize("k", [0, -1, 11, 2.0, True])
 def test_bad_k(k):
