@@ -84,9 +84,12 @@ def test_result_contract_single():
 
 def test_refinement_lowers_inertia():
     x = torch.randn(2, 400, 30)
-    plain = kmeans(x, 100, refine=False, n_init=1)
+    seeds = kmeans(x, 100, refine=False, n_init=1, max_iter=0)  # k-means++ alone
+    lloyd = kmeans(x, 100, refine=False, n_init=1, max_iter=50)
     refined = kmeans(x, 100, refine=True, n_init=1)
-    assert (refined.inertia < plain.inertia).all()
+    assert lloyd.n_iter > 1 and lloyd.n_moves == 0
+    assert (lloyd.inertia < seeds.inertia).all()
+    assert (refined.inertia < lloyd.inertia).all()
     assert refined.n_moves > 0
 
 
@@ -117,19 +120,21 @@ def test_exact_recovery_of_separated_clusters():
         assert torch.allclose(res.centers[j], x[res.labels == j].mean(0))
 
 
-def test_duplicate_points():
+@pytest.mark.parametrize("max_iter", [0, 10])
+def test_duplicate_points(max_iter):
     g = torch.Generator().manual_seed(0)
     distinct = torch.randn(10, 5, generator=g)
     x = distinct.repeat(6, 1)  # 60 points, 10 distinct
-    res = kmeans(x, 10)
+    res = kmeans(x, 10, max_iter=max_iter)
     assert float(res.inertia) == 0.0
     assert torch.bincount(res.labels, minlength=10).min() >= 1
     assert torch.unique(res.centers, dim=0).shape[0] == 10  # no duplicate centroids
 
 
-def test_more_clusters_than_distinct_points():
+@pytest.mark.parametrize("max_iter", [0, 10])
+def test_more_clusters_than_distinct_points(max_iter):
     x = torch.randn(4, 3).repeat(5, 1)  # 20 points, 4 distinct
-    res = kmeans(x, 7)
+    res = kmeans(x, 7, max_iter=max_iter)
     assert float(res.inertia) == 0.0
     assert torch.bincount(res.labels, minlength=7).min() >= 1
     assert torch.isfinite(res.centers).all()
@@ -169,12 +174,14 @@ def test_k_equals_one():
     assert torch.allclose(res.inertia, ((x - x.mean(1, keepdim=True)) ** 2).sum((1, 2)))
 
 
-def test_no_empty_clusters_no_nan():
+@pytest.mark.parametrize("max_iter", [0, 10])
+@pytest.mark.parametrize("refine", [True, False])
+def test_no_empty_clusters_no_nan(max_iter, refine):
     for seed in range(4):
         g = torch.Generator().manual_seed(seed)
         # heavy-tailed data with a few outliers: a classic cause of empty clusters in Lloyd
         x = torch.randn(2, 80, 3, generator=g) ** 3
-        res = kmeans(x, 40, seed=seed, n_init=3)
+        res = kmeans(x, 40, seed=seed, n_init=3, max_iter=max_iter, refine=refine)
         assert torch.isfinite(res.centers).all() and torch.isfinite(res.inertia).all()
         for b in range(2):
             assert torch.bincount(res.labels[b], minlength=40).min() >= 1
@@ -190,11 +197,12 @@ def test_fill_empty_gives_every_cluster_a_point():
 
 
 # ----------------------------------------------------------------------- batching, determinism
-def test_single_problem_equals_batch_member():
+@pytest.mark.parametrize("max_iter", [0, 10])
+def test_single_problem_equals_batch_member(max_iter):
     x = torch.randn(4, 120, 17)
-    batch = kmeans(x, 30, seed=5)
+    batch = kmeans(x, 30, seed=5, max_iter=max_iter)
     for b in range(4):
-        one = kmeans(x[b], 30, seed=5)
+        one = kmeans(x[b], 30, seed=5, max_iter=max_iter)
         assert torch.equal(one.labels, batch.labels[b])
         assert torch.equal(one.centers, batch.centers[b])
         assert torch.equal(one.inertia, batch.inertia[b])

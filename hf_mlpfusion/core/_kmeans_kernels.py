@@ -268,7 +268,9 @@ def _move(gram, j, a, b, labels, SX, SS, cnt):
 @_jit()
 def fill_empty(labels, dist, k):
     """Give every empty cluster the farthest point (``dist``, ties to the lower index) of a cluster
-    that has more than one point, in place."""
+    that has more than one point, in place: points are taken farthest first, the last empty
+    cluster first. (A selection per point instead of a sort: empty clusters are rare, and numba's
+    sorts are slow to compile.)"""
     n = labels.shape[0]
     cnt = np.zeros(k, np.int64)
     for i in range(n):
@@ -285,17 +287,22 @@ def fill_empty(labels, dist, k):
         if cnt[c] == 0:
             empty[e] = c
             e += 1
-    order = np.argsort(-dist, kind="mergesort")  # descending, stable
-    for i in order:
+    seen = np.zeros(n, np.bool_)
+    for _ in range(n):
         if n_empty == 0:
             break
-        a = labels[i]
+        far, fd = -1, -np.inf
+        for i in range(n):
+            if not seen[i] and (far < 0 or dist[i] > fd):
+                far, fd = i, dist[i]
+        seen[far] = True
+        a = labels[far]
         if cnt[a] > 1:
             n_empty -= 1
             j = empty[n_empty]
             cnt[a] -= 1
             cnt[j] += 1
-            labels[i] = j
+            labels[far] = j
 
 
 _BLOCK = 64  # points scanned together in the Hartigan sweep
