@@ -35,9 +35,9 @@ import torch
 __all__ = ["kmeans", "cluster_means", "KMeansResult", "DEFAULT_N_INIT", "DEFAULT_MAX_ITER", "DEFAULT_TOL"]
 
 #: Restarts per problem. With ~4 points per centroid the Hartigan refinement, not the restarts, is
-#: what lowers the inertia: one refined run is already ~6% below scikit-learn's n_init=30 on the
-#: real MiniLM layers, and 2 or 4 restarts gain < 0.1% more for 1.6x / 2.3x the time
-#: (docs/kmeans.md).
+#: what lowers the inertia: one refined run is already 6% below scikit-learn's n_init=30 on the
+#: real MiniLM layers, and 2 or 4 restarts (which share the Gram matrix) gained 0.04% more for
+#: 1.1x / 1.7x the time (docs/kmeans.md).
 DEFAULT_N_INIT = 1
 #: Lloyd iterations before the Hartigan refinement (which converges on its own). With moves at O(n)
 #: each, Hartigan from the k-means++ seeds is as good as Lloyd first: on MiniLM, over 5 seeds, 0
@@ -49,7 +49,7 @@ DEFAULT_TOL = 1e-4
 #: Default working-memory budget per group of problems, on the CPU.
 DEFAULT_CPU_CHUNK_BYTES = 2 << 30
 #: Rows per block of the Gram matrix (only blocks on and below the diagonal are computed): 384
-#: was the fastest of 256-1024 for n = 1536 and 3072 (docs/kmeans.md).
+#: was among the fastest of 256-1024 for n = 1536 and 3072 (docs/kmeans.md).
 _GRAM_BLOCK = 384
 #: A Hartigan move must gain more than this times (|x|^2 + the point's cost), well above float64
 #: rounding of the sums and about the float32 rounding of the Gram entries.
