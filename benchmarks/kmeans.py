@@ -192,7 +192,7 @@ def main(argv=None) -> None:
                   + ", ".join(f"{m.split(' ')[0]} {times[m][-1]:.2f} s" for m in fast), flush=True)
         for method in fast:
             res[method] = (times[method], vals[method])
-        ref_i = res.get("sklearn n_init=30 (cached)", res.get("sklearn n_init=1 (lloyd)"))[1]
+        ref_i = res.get("sklearn n_init=30 (cached)", res.get("sklearn n_init=1 (lloyd)", (None, float("nan"))))[1]
         ref_t = statistics.median(res.get("sklearn n_init=1 (lloyd)", ([float("nan")],))[0])
         faiss_t = statistics.median(res.get("faiss Kmeans (niter=25)", ([float("nan")],))[0])
         faiss_ts = res.get("faiss Kmeans (niter=25)", ([],))[0]
