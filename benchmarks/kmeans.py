@@ -11,6 +11,12 @@ Problems
 scikit-learn's n_init=30 baseline (the paper's setting) takes minutes per problem on 2 CPU cores;
 it is computed once and cached under .bench_cache/ (the table marks it "cached"). On the
 RoBERTa-shaped problem it would take hours on 2 cores and is skipped unless --sklearn30-roberta.
+
+Timing: every method first runs once on a small slice of the problem (imports, thread pools and
+the compiled k-means kernels' disk cache load are not timed), then the methods run --repeat times
+each, interleaved (faiss, fpk, ours, faiss, fpk, ours, ...), and the table shows the median.
+scikit-learn n_init=1 is slow and runs once. The load average before and after is printed: the
+machine may be shared, so compare the methods within one run.
 """
 from __future__ import annotations
 
@@ -20,6 +26,7 @@ import json
 import os
 import pathlib
 import platform
+import statistics
 import sys
 import time
 
@@ -130,18 +137,24 @@ def timed(fn, *args, **kw) -> tuple[float, float]:
     return time.perf_counter() - t, val
 
 
+def load() -> str:
+    return "load average " + " ".join(f"{v:.2f}" for v in os.getloadavg())
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--problem", choices=["minilm", "roberta", "both"], default="both")
     ap.add_argument("--n-init", nargs="*", default=[None],
                     help="our restarts to report (None = the default), e.g. --n-init None 2 4")
     ap.add_argument("--skip", nargs="*", default=[], help="baselines to skip: sklearn1 faiss fpk")
+    ap.add_argument("--repeat", type=int, default=5,
+                    help="timed runs per method except sklearn n_init=1 (median shown); default 5")
     ap.add_argument("--sklearn30-roberta", action="store_true",
                     help="also run (and cache) scikit-learn n_init=30 on the RoBERTa problem")
     args = ap.parse_args(argv)
     from hf_mlpfusion.core import kmeans as km
 
-    print(f"machine: {machine()}")
+    print(f"machine: {machine()}; {time.strftime('%Y-%m-%d %H:%M')}; {load()}", flush=True)
     names = ["minilm", "roberta"] if args.problem == "both" else [args.problem]
     rows = []
     for name in names:
@@ -151,32 +164,60 @@ def main(argv=None) -> None:
         res = {}
         if name == "minilm" or args.sklearn30_roberta:
             c = sklearn30_cached(name, x, k)
-            res["sklearn n_init=30 (cached)"] = (c["time"], c["inertia"])
-        if "sklearn1" not in args.skip:
-            res["sklearn n_init=1 (lloyd)"] = timed(sklearn_kmeans, x, k, 1)
+            res["sklearn n_init=30 (cached)"] = ([c["time"]], c["inertia"])
+        fast = {}  # method -> (function, kwargs)
         if "faiss" not in args.skip and importlib.util.find_spec("faiss"):
-            res["faiss Kmeans (niter=25)"] = timed(faiss_kmeans, x, k)
+            fast["faiss Kmeans (niter=25)"] = (faiss_kmeans, {})
         if "fpk" not in args.skip and importlib.util.find_spec("fast_pytorch_kmeans"):
-            res["fast-pytorch-kmeans MultiKMeans"] = timed(fpk_kmeans, x, k)
+            fast["fast-pytorch-kmeans MultiKMeans"] = (fpk_kmeans, {})
         for ni in args.n_init:
             ni = None if ni in (None, "None") else int(ni)
             tag = f"hf_mlpfusion n_init={ni if ni else km.DEFAULT_N_INIT}" + (" (default)" if ni is None else "")
-            res[tag] = timed(ours, x, k, n_init=ni)
-        ref_i = res.get("sklearn n_init=30 (cached)", res.get("sklearn n_init=1 (lloyd)"))[1]
-        ref_t = res.get("sklearn n_init=1 (lloyd)", (float("nan"),))[0]
-        for method, (t, inertia) in res.items():
-            rows.append((label, method, t, inertia, inertia / ref_i, t / ref_t))
-            print(f"  {label:34s} {method:38s} {t:8.2f} s  {inertia:12.1f}", flush=True)
+            fast[tag] = (ours, {"n_init": ni})
+        small = x[:1, : max(4 * 64, n // 8)]
+        for fn, kw in fast.values():  # warm-up: imports, thread pools, compiled kernels
+            fn(small, 64, **kw)
+        if "sklearn1" not in args.skip:
+            sklearn_kmeans(small, 64, 1)
+            t, v = timed(sklearn_kmeans, x, k, 1)
+            res["sklearn n_init=1 (lloyd)"] = ([t], v)
+            print(f"  {label:34s} {'sklearn n_init=1 (lloyd)':38s} {t:8.2f} s  {v:12.1f}", flush=True)
+        times = {m: [] for m in fast}
+        vals = {}
+        for rep in range(args.repeat):
+            for method, (fn, kw) in fast.items():
+                t, vals[method] = timed(fn, x, k, **kw)
+                times[method].append(t)
+            print(f"  {label}: run {rep + 1}/{args.repeat}: "
+                  + ", ".join(f"{m.split(' ')[0]} {times[m][-1]:.2f} s" for m in fast), flush=True)
+        for method in fast:
+            res[method] = (times[method], vals[method])
+        ref_i = res.get("sklearn n_init=30 (cached)", res.get("sklearn n_init=1 (lloyd)", (None, float("nan"))))[1]
+        ref_t = statistics.median(res.get("sklearn n_init=1 (lloyd)", ([float("nan")],))[0])
+        faiss_t = statistics.median(res.get("faiss Kmeans (niter=25)", ([float("nan")],))[0])
+        faiss_ts = res.get("faiss Kmeans (niter=25)", ([],))[0]
+        for method, (ts, inertia) in res.items():
+            t = statistics.median(ts)
+            if "cached" in method:
+                vs_faiss = float("nan")
+            elif len(ts) == len(faiss_ts) > 1:  # interleaved runs: median of the paired ratios
+                vs_faiss = statistics.median(a / b for a, b in zip(ts, faiss_ts))
+            else:
+                vs_faiss = t / faiss_t
+            rows.append((label, method, t, len(ts), inertia, inertia / ref_i, t / ref_t, vs_faiss))
     ref_note = {nm: ("sklearn n_init=30" if nm == "minilm" or args.sklearn30_roberta else "sklearn n_init=1")
                 for nm in names}
+    print(f"\nafter the runs: {load()}\n")
+    print("| problem | method | time (s) | runs | summed inertia | inertia ratio | time vs sklearn n_init=1 "
+          "| time vs faiss |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    for label, method, t, nr, inertia, ir, tr, tf in rows:
+        print(f"| {label} | {method} | {t:.2f} | {'cached' if 'cached' in method else nr} | {inertia:,.1f} "
+              f"| {ir:.3f} | {tr:.2f} | {'' if tf != tf else f'{tf:.2f}'} |")
     print()
-    print("| problem | method | time (s) | summed inertia | inertia ratio | time ratio |")
-    print("|---|---|---:|---:|---:|---:|")
-    for label, method, t, inertia, ir, tr in rows:
-        print(f"| {label} | {method} | {t:.2f} | {inertia:,.1f} | {ir:.3f} | {tr:.2f} |")
-    print()
-    print("inertia ratio: vs " + "; ".join(f"{k}: {v}" for k, v in ref_note.items())
-          + ". time ratio: vs sklearn n_init=1 in this run.")
+    print("time: median of the runs. inertia ratio: vs " + "; ".join(f"{k}: {v}" for k, v in ref_note.items())
+          + ". time ratios: vs sklearn n_init=1 / faiss in this run; vs faiss for the repeated"
+          " methods: the median over the runs of (its time / faiss's time in the same round).")
     print("sklearn n_init=30 is cached in .bench_cache/ (its time is from the run that made the cache;"
           " it is never re-timed). On the RoBERTa-shaped problem it would take hours on 2 CPU cores"
           " and is skipped unless --sklearn30-roberta.")

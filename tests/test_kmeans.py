@@ -6,9 +6,11 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 import torch
 
+import hf_mlpfusion.core._kmeans_kernels as K
 import hf_mlpfusion.core.kmeans as km
 from hf_mlpfusion.core.kmeans import KMeansResult, kmeans
 
@@ -82,9 +84,12 @@ def test_result_contract_single():
 
 def test_refinement_lowers_inertia():
     x = torch.randn(2, 400, 30)
-    plain = kmeans(x, 100, refine=False, n_init=1)
+    seeds = kmeans(x, 100, refine=False, n_init=1, max_iter=0)  # k-means++ alone
+    lloyd = kmeans(x, 100, refine=False, n_init=1, max_iter=50)
     refined = kmeans(x, 100, refine=True, n_init=1)
-    assert (refined.inertia < plain.inertia).all()
+    assert lloyd.n_iter > 1 and lloyd.n_moves == 0
+    assert (lloyd.inertia < seeds.inertia).all()
+    assert (refined.inertia < lloyd.inertia).all()
     assert refined.n_moves > 0
 
 
@@ -115,19 +120,21 @@ def test_exact_recovery_of_separated_clusters():
         assert torch.allclose(res.centers[j], x[res.labels == j].mean(0))
 
 
-def test_duplicate_points():
+@pytest.mark.parametrize("max_iter", [0, 10])
+def test_duplicate_points(max_iter):
     g = torch.Generator().manual_seed(0)
     distinct = torch.randn(10, 5, generator=g)
     x = distinct.repeat(6, 1)  # 60 points, 10 distinct
-    res = kmeans(x, 10)
+    res = kmeans(x, 10, max_iter=max_iter)
     assert float(res.inertia) == 0.0
     assert torch.bincount(res.labels, minlength=10).min() >= 1
     assert torch.unique(res.centers, dim=0).shape[0] == 10  # no duplicate centroids
 
 
-def test_more_clusters_than_distinct_points():
+@pytest.mark.parametrize("max_iter", [0, 10])
+def test_more_clusters_than_distinct_points(max_iter):
     x = torch.randn(4, 3).repeat(5, 1)  # 20 points, 4 distinct
-    res = kmeans(x, 7)
+    res = kmeans(x, 7, max_iter=max_iter)
     assert float(res.inertia) == 0.0
     assert torch.bincount(res.labels, minlength=7).min() >= 1
     assert torch.isfinite(res.centers).all()
@@ -167,12 +174,14 @@ def test_k_equals_one():
     assert torch.allclose(res.inertia, ((x - x.mean(1, keepdim=True)) ** 2).sum((1, 2)))
 
 
-def test_no_empty_clusters_no_nan():
+@pytest.mark.parametrize("max_iter", [0, 10])
+@pytest.mark.parametrize("refine", [True, False])
+def test_no_empty_clusters_no_nan(max_iter, refine):
     for seed in range(4):
         g = torch.Generator().manual_seed(seed)
         # heavy-tailed data with a few outliers: a classic cause of empty clusters in Lloyd
         x = torch.randn(2, 80, 3, generator=g) ** 3
-        res = kmeans(x, 40, seed=seed, n_init=3)
+        res = kmeans(x, 40, seed=seed, n_init=3, max_iter=max_iter, refine=refine)
         assert torch.isfinite(res.centers).all() and torch.isfinite(res.inertia).all()
         for b in range(2):
             assert torch.bincount(res.labels[b], minlength=40).min() >= 1
@@ -188,11 +197,12 @@ def test_fill_empty_gives_every_cluster_a_point():
 
 
 # ----------------------------------------------------------------------- batching, determinism
-def test_single_problem_equals_batch_member():
+@pytest.mark.parametrize("max_iter", [0, 10])
+def test_single_problem_equals_batch_member(max_iter):
     x = torch.randn(4, 120, 17)
-    batch = kmeans(x, 30, seed=5)
+    batch = kmeans(x, 30, seed=5, max_iter=max_iter)
     for b in range(4):
-        one = kmeans(x[b], 30, seed=5)
+        one = kmeans(x[b], 30, seed=5, max_iter=max_iter)
         assert torch.equal(one.labels, batch.labels[b])
         assert torch.equal(one.centers, batch.centers[b])
         assert torch.equal(one.inertia, batch.inertia[b])
@@ -221,6 +231,203 @@ def test_more_restarts_never_hurt():
     one = kmeans(x, 40, n_init=1, seed=0)
     three = kmeans(x, 40, n_init=3, seed=0)  # restart 0 is the same run as n_init=1
     assert (three.inertia <= one.inertia).all()
+
+
+def test_thread_count_does_not_change_the_answer():
+    x = torch.randn(5, 130, 9)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = kmeans(x, 33, seed=2, n_init=2)
+        torch.set_num_threads(max(2, before))
+        many = kmeans(x, 33, seed=2, n_init=2)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one.labels, many.labels) and torch.equal(one.centers, many.centers)
+    assert torch.equal(one.inertia, many.inertia)
+
+
+def test_other_dtypes_cluster_the_same_points():
+    x = torch.randn(2, 80, 6).to(torch.bfloat16)
+    res = kmeans(x, 20)
+    ref = kmeans(x.float(), 20)  # bfloat16 is read exactly as float32
+    assert res.centers.dtype == torch.bfloat16
+    assert torch.equal(res.labels, ref.labels) and torch.equal(res.inertia, ref.inertia)
+    assert torch.equal(res.centers, ref.centers.to(torch.bfloat16))
+
+
+# ------------------------------------------------------------------ the Gram-space kernels
+def _gram_of(x):
+    """Exactly symmetric float32 Gram matrix of x [n, dim], as the solver builds it."""
+    g = km._gram(x[None].float().contiguous())[0].numpy().copy()
+    K.mirror_lower(g)
+    return g
+
+
+def _sums(g, labels, k):
+    SX = np.empty((k, g.shape[0]))
+    SS = np.empty(k)
+    cnt = np.empty(k, np.int64)
+    K.cluster_sums(g, labels, k, SX, SS, cnt)
+    return SX, SS, cnt
+
+
+@pytest.mark.parametrize("n", [50, 384, 1000])
+def test_blocked_gram_is_symmetric_and_batch_independent(n, monkeypatch):
+    monkeypatch.setattr(km, "_GRAM_BLOCK", 96)  # several blocks, uneven at n = 50 and 1000
+    x = torch.randn(3, n, 17)
+    gb = km._gram(x).numpy()
+    for b in range(3):
+        g = gb[b].copy()
+        K.mirror_lower(g)
+        assert np.array_equal(g, g.T)
+        ref = x[b].double() @ x[b].double().T
+        assert np.allclose(g, ref.numpy(), rtol=0, atol=1e-5 * float(ref.abs().max()))
+        single = km._gram(x[b:b + 1]).numpy()[0]
+        low = np.tril(np.ones((n, n), dtype=bool))
+        assert np.array_equal(single[low], gb[b][low])
+
+
+def test_cluster_sums_are_the_gram_space_quantities():
+    g_ = torch.Generator().manual_seed(4)
+    x = torch.randn(90, 7, generator=g_, dtype=torch.float64)
+    labels = torch.randint(0, 12, (90,), generator=g_)
+    g = _gram_of(x)
+    SX, SS, cnt = _sums(g, labels.numpy(), 12)
+    xf = torch.from_numpy(x.float().numpy()).double()
+    s = torch.zeros(12, 7, dtype=torch.float64).index_add_(0, labels, xf)
+    assert np.array_equal(cnt, torch.bincount(labels, minlength=12).numpy())
+    assert np.allclose(SX, (s @ xf.T).numpy(), rtol=1e-5, atol=1e-5)
+    assert np.allclose(SS, (s * s).sum(1).numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_kmeanspp_seeds_are_distinct_and_labels_are_the_nearest_seed():
+    x = torch.randn(200, 5, dtype=torch.float64)
+    g = _gram_of(x)
+    rng = np.random.default_rng(0)
+    k = 25
+    labels = np.empty(200, np.int64)
+    chosen = K.kmeanspp(g, k, 0.37, rng.random((k - 1, 2 + int(np.log(k)))), labels)
+    assert chosen[0] == int(0.37 * 200)
+    assert len(set(chosen.tolist())) == k
+    d = torch.cdist(x, x[torch.from_numpy(chosen)]) ** 2
+    assert np.array_equal(labels[chosen], np.arange(k))  # every seed is in its own cluster
+    # nearest seed, up to float32 rounding of the Gram entries
+    own = d.gather(1, torch.from_numpy(labels)[:, None])[:, 0]
+    assert torch.all(own <= d.min(1).values + 1e-4)
+
+
+def test_gram_space_lloyd_matches_a_direct_lloyd():
+    g_ = torch.Generator().manual_seed(5)
+    centres = torch.randn(8, 4, generator=g_, dtype=torch.float64) * 3
+    x = centres[torch.randint(0, 8, (240,), generator=g_)] + torch.randn(240, 4, generator=g_, dtype=torch.float64)
+    x = x - x.mean(0)
+    g = _gram_of(x)
+    k = 8
+    labels = np.empty(240, np.int64)
+    chosen = K.kmeanspp(g, k, 0.5, np.random.default_rng(1).random((k - 1, 4)), labels)
+    SX, SS, cnt = _sums(g, labels, k)
+    it = K.lloyd(g, k, chosen, labels, 100, 0.0, SX, SS, cnt)
+    # the reference: plain float64 Lloyd from the same seeds until no label changes
+    c = x[torch.from_numpy(chosen)]
+    ref = torch.cdist(x, c).argmin(1)
+    for _ in range(100):
+        c = torch.stack([x[ref == j].mean(0) for j in range(k)])
+        new = torch.cdist(x, c).argmin(1)
+        if torch.equal(new, ref):
+            break
+        ref = new
+    assert 1 < it < 100
+    assert np.array_equal(labels, ref.numpy())
+    # the sums were kept current through the iterations
+    SX2, SS2, cnt2 = _sums(g, labels, k)
+    assert np.array_equal(cnt, cnt2) and np.allclose(SX, SX2, rtol=0, atol=1e-9)
+    assert np.allclose(SS, SS2, rtol=0, atol=1e-8)
+
+
+def _reference_hartigan(g, k, labels, rel_tol):
+    """One point at a time, a full scan per point: what ``K.hartigan`` must reproduce exactly."""
+    n = g.shape[0]
+    labels = labels.copy()
+    SX, SS, cnt = _sums(g, labels, k)
+    diag = np.diag(g).astype(np.float64)
+    moves = 0
+    while True:
+        moved = 0
+        for j in range(n):
+            a = int(labels[j])
+            na = int(cnt[a])
+            if na <= 1:
+                continue
+            gj = diag[j]
+            out = (gj - 2.0 * SX[a, j] / na + SS[a] / (na * na)) * na / (na - 1.0)
+            best, b = np.inf, -1
+            for c in range(k):
+                nc = int(cnt[c])
+                v = nc / (nc + 1.0) * gj + -2.0 / (nc + 1.0) * SX[c, j] + SS[c] / (nc * (nc + 1.0))
+                if c != a and v < best:
+                    best, b = v, c
+            if out - best > rel_tol * (gj + out):
+                SS[a] += gj - 2.0 * SX[a, j]
+                SS[b] += gj + 2.0 * SX[b, j]
+                SX[a] -= g[j].astype(np.float64)
+                SX[b] += g[j].astype(np.float64)
+                cnt[a] -= 1
+                cnt[b] += 1
+                labels[j] = b
+                moved += 1
+        moves += moved
+        if moved == 0:
+            return labels, moves
+
+
+def test_block_hartigan_is_exactly_the_one_point_at_a_time_sweep():
+    g_ = torch.Generator().manual_seed(6)
+    x = torch.randn(150, 6, generator=g_, dtype=torch.float64)  # 150 points: three blocks of 64
+    x = x - x.mean(0)
+    g = _gram_of(x)
+    k = 20
+    labels = (torch.arange(150) % k)[torch.randperm(150, generator=g_)].numpy().astype(np.int64)
+    ref, ref_moves = _reference_hartigan(g, k, labels, km._REL_TOL)
+    SX, SS, cnt = _sums(g, labels, k)
+    got = labels.copy()
+    moves = K.hartigan(g, k, got, km._REL_TOL, 10_000, SX, SS, cnt)
+    assert ref_moves > 100  # moves inside blocks, so the in-block corrections are exercised
+    assert moves == ref_moves and np.array_equal(got, ref)
+    # and the sums it kept are those of the final labels
+    SX2, SS2, cnt2 = _sums(g, got, k)
+    assert np.array_equal(cnt, cnt2) and np.allclose(SX, SX2, rtol=0, atol=1e-9)
+
+
+def test_exact_stats_cpu_kernel_matches_the_torch_finish():
+    """The CPU kernel and the torch code used on other devices give the same centres/inertia."""
+    x = torch.randn(2, 70, 5, dtype=torch.float64) * 10
+    lab = torch.randint(0, 9, (2, 2, 70))
+    lab[..., :9] = torch.arange(9)  # no empty cluster
+    cen_t, ine_t = km._exact_stats_torch(x, lab, 9)
+    for g in range(2):
+        for r in range(2):
+            cen = np.empty((9, 5))
+            ine = K.exact_stats(x[g].numpy(), lab[g, r].numpy(), 9, cen)
+            assert np.array_equal(cen, cen_t[g, r].numpy())  # same sums, same order
+            assert ine == pytest.approx(float(ine_t[g, r]), rel=1e-12)
+
+
+def test_kernels_compile_without_a_writable_cache(monkeypatch):
+    real = K.njit
+
+    def njit(*args, cache=False, **kw):
+        if cache:  # what numba raises when no cache location can be written
+            raise RuntimeError("cannot cache function 'f': no locator available for file 'x.py'")
+        return real(*args, **kw)
+
+    monkeypatch.setattr(K, "njit", njit)
+
+    @K._jit()
+    def f(a):
+        return a + 1
+
+    assert f(1) == 2
 
 
 # ---------------------------------------------------------------------------------- validation
