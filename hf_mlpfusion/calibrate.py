@@ -163,9 +163,17 @@ def batches(texts: list[str], tokenizer, *, max_length: int, batch_size: int, mo
     tokenizer = prepare_tokenizer(tokenizer)
     if model is not None:
         max_length = min(max_length, max_tokens(model))
+    extra = tokenizer.num_special_tokens_to_add() if hasattr(tokenizer, "num_special_tokens_to_add") else 0
+    if max_length <= extra:  # the tokenizer cannot truncate below its own special tokens: it would not truncate at all
+        raise InvalidConfigError(
+            f"max length {max_length} leaves no room for text: this tokenizer adds {extra} special tokens; "
+            f"use at least {extra + 1}"
+        )
     for s in range(0, len(texts), batch_size):
         enc = tokenizer(list(texts[s : s + batch_size]), padding=True, truncation=True, max_length=max_length,
                         return_tensors="pt")
+        if enc["input_ids"].shape[1] > max_length:
+            raise InvalidConfigError(f"the tokenizer did not truncate to {max_length} tokens: use a larger max length")
         yield {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
 

@@ -228,7 +228,7 @@ class Checkpoint:
         with quiet_transformers():
             try:
                 model, info = self.cls.from_pretrained(
-                    str(self.folder), dtype="auto", use_safetensors=not self.allow_pickle,
+                    str(self.folder), dtype="auto", use_safetensors=self.header is not None,  # pickles only when allowed and alone
                     output_loading_info=True, ignore_mismatched_sizes=True,
                 )
             except MLPFusionError:

@@ -648,3 +648,18 @@ def test_a_config_without_model_type_says_so(bert, work):
     line = assert_fails(run("compress", src, "-o", work / "out"), 1, "has no model_type")
     assert "None" not in line
     assert_fails(run("evaluate", bert, src), 1, "has no model_type")
+
+
+# --- found by the fuzz test (tests/test_fuzz_cli.py) ---------------------------------------------
+
+
+def test_allow_pickle_on_a_safetensors_checkpoint_still_reads_the_safetensors(bert, work):
+    result = run("compress", bert, "--allow-pickle", "-o", work / "out")
+    assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize("length", ["1", "2", "0", "-5"])
+def test_evaluate_max_length_below_the_special_tokens_is_one_line(bert, work, length):
+    assert run("compress", bert, "--ratio", "0.5", "-o", work / "out").exit_code == 0
+    assert_fails(run("evaluate", bert, work / "out", "--samples", "4", "--max-length", length), 1,
+                 "max length", "at least 3")

@@ -13,8 +13,8 @@ import errno
 import functools
 import os
 import signal
+import sys
 
-import click
 import typer
 from rich.console import Console
 from rich.markup import escape
@@ -26,6 +26,11 @@ from hf_mlpfusion.errors import (
     MLPFusionError,
     note_signal,
 )
+
+# Typer (0.29+) vendors its own Click: take the exception classes from Typer itself, whichever it uses.
+_click_errors = sys.modules[typer.BadParameter.__module__]
+ClickException, NoArgsIsHelpError = _click_errors.ClickException, _click_errors.NoArgsIsHelpError
+PASS_THROUGH = (typer.Exit, typer.Abort, ClickException)  # Click prints and exits as usual
 
 console = Console()
 err_console = Console(stderr=True)
@@ -86,8 +91,8 @@ def user_errors(func):
     def wrapper(*args, **kwargs):
         try:
             return func(*args, **kwargs)
-        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
-            raise  # typer.Exit / usage errors: Click prints and exits as usual
+        except PASS_THROUGH:
+            raise  # typer.Exit / usage errors: Click (and `run`) handle them
         except KeyboardInterrupt as err:
             head, rest, code = interrupted_message(err)
             err_console.print(f"[bold red]{head}:[/] {escape(rest)}", highlight=False, soft_wrap=True)
@@ -120,21 +125,33 @@ def install_signal_handlers() -> None:
 _reported: list[int] = []  # exit codes of interrupts already printed by `user_errors`
 
 
-def run(app) -> None:
-    """Run the Typer app the way every entry point does: signal handlers first; an interrupt that
-    lands outside a command (while Click parses, after a command returned) ends the same way as one
-    inside it."""
+def run(app, args: list[str] | None = None) -> None:
+    """Run the Typer app the way every entry point does: signal handlers first; a malformed command
+    line is one line and exit 2 (instead of Click's usage box); an interrupt that lands outside a
+    command (while Click parses, after a command returned) ends the same way as one inside it."""
     from hf_mlpfusion.errors import _received
 
     install_signal_handlers()
     try:
-        app()
+        code = app(args=args, prog_name="mlpfusion", standalone_mode=False)
     except KeyboardInterrupt as err:  # before Typer's own handler is in place
         _exit_interrupted(err)
-    except SystemExit as done:
-        if _received and not _reported and done.code not in (None, 0):
-            _exit_interrupted(Interrupted(_received[0]))  # Typer turned it into a bare exit 130
-        raise
+    except NoArgsIsHelpError as err:
+        err.show()  # `mlpfusion` alone: the help, as before
+        raise SystemExit(err.exit_code) from None
+    except ClickException as err:
+        where = getattr(getattr(err, "ctx", None), "command_path", None) or "mlpfusion"
+        message = " ".join(err.format_message().split())
+        err_console.print(f"[bold red]error:[/] {escape(message)} (see '{escape(where)} --help')", highlight=False,
+                          soft_wrap=True)
+        raise SystemExit(err.exit_code) from None
+    except typer.Abort:
+        err_console.print("[bold red]error:[/] aborted", highlight=False)
+        raise SystemExit(1) from None
+    code = code if isinstance(code, int) else 0
+    if _received and not _reported and code:
+        _exit_interrupted(Interrupted(_received[0]))  # Typer turned it into a bare exit 130
+    raise SystemExit(code)
 
 
 def _exit_interrupted(err: KeyboardInterrupt) -> None:
