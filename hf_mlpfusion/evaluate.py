@@ -300,6 +300,10 @@ def evaluate(original, fused, texts: list[str] | None = None, tokenizer=None, *,
              str(fused) if isinstance(fused, (str, Path)) else str(getattr(fused.config, "_name_or_path", "") or "fused")]
     from .compress import open_checkpoint
 
+    for name, value, low in (("samples", samples, 1), ("ntk examples", ntk_examples, 0), ("max length", max_length, 1),
+                             ("batch size", batch_size, 1), ("latency repeats", latency_repeats, 0)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
+            raise InvalidConfigError(f"{name} {value!r} must be a whole number >= {low}")
     # everything cheap first: both folders, their configs and weights headers, the tokenizer, the text
     opened = {}
     for role, x in (("original", original), ("fused", fused)):

