@@ -26,7 +26,7 @@ from typing import Callable
 from .errors import InvalidConfigError, OutputExistsError, OutputWriteError, check_interrupted
 
 MARKER = ".mlpfusion-partial"  # inside a partial folder while it is written; removed before the rename
-_LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?P<kind>partial|old)-(?P<pid>\d+)$")
+_LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?P<kind>partial|old|probe)-(?P<pid>\d+)$")
 
 
 def absolute(path: str | Path) -> Path:
@@ -162,6 +162,8 @@ def clean_stale(output: Path) -> list[Path]:
         if m is None or not path.is_dir() or path.is_symlink():
             continue
         ours = m.group("name") == output.name
+        if m.group("kind") == "probe" and not ours:
+            continue
         owner = _owner(path)
         if not ours and not owner:
             continue  # another name and no marker: not provably ours

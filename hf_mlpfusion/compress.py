@@ -115,7 +115,7 @@ def local_source(model_id: str | None) -> Path | None:
             raise ModelNotFoundError(f"{model_id} is a file: give the folder that holds config.json and the weights")
         return path
     text = str(model_id)
-    if text.startswith((".", "/", "~")) or text.count("/") != 1 or os.sep in text.replace("/", "") or text.endswith("/"):
+    if text.startswith((".", "/", "~")) or text.count("/") > 1 or os.sep in text.replace("/", "") or text.endswith("/"):
         raise ModelNotFoundError(f"no such folder: {model_id} (and it is not a Hub id of the form org/name)")
     return None
 

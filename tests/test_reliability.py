@@ -471,6 +471,8 @@ def test_stale_partials_are_cleaned_and_live_or_foreign_ones_kept(bert, work):
     dead = dead_pid()
     stale = work / f".out.partial-{dead}"
     stale.mkdir()
+    probe = work / f".out.probe-{dead}"  # killed while checking that the folder is writable
+    probe.mkdir()
     (stale / "model.safetensors").write_bytes(b"x" * 1000)
     live = work / f".out.partial-{os.getppid()}"  # a live process (pytest's parent): maybe still writing
     live.mkdir()
@@ -483,7 +485,7 @@ def test_stale_partials_are_cleaned_and_live_or_foreign_ones_kept(bert, work):
     elsewhere.mkdir()
     (elsewhere / ".mlpfusion-partial").write_text(json.dumps({"pid": dead, "host": "another-host"}))
     assert run("compress", bert, "-o", work / "out").exit_code == 0
-    assert not stale.exists() and not other_ours.exists()
+    assert not stale.exists() and not other_ours.exists() and not probe.exists()
     assert live.exists() and foreign.exists() and elsewhere.exists()
 
 
@@ -608,6 +610,12 @@ def test_push_shares_the_error_mapping(work):
 
 
 # --- 9. fast and right: no Hub look-up for a typo, options checked before loading -----------------
+
+
+def test_a_legacy_hub_id_without_an_org_is_still_a_hub_id(work, monkeypatch):
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    assert_fails(run("compress", "gpt2", "-o", work / "out"), 4, "could not download gpt2")
+    assert_fails(run("compress", "gpt2/", "-o", work / "out"), 1, "no such folder")
 
 
 def test_a_typo_in_evaluate_is_no_such_folder_at_once(bert, work):
