@@ -685,3 +685,13 @@ def test_the_readme_exit_code_table_is_the_one_the_code_uses():
     used = {c.exit_code for c in classes} | {errors.EXIT_OK, errors.EXIT_USAGE, errors.EXIT_INTERNAL}
     used |= {errors.Interrupted(s).exit_code for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     assert documented == used == {0, 1, 2, 3, 4, 5, 6, 70, 130, 143, 129}
+
+
+def test_a_message_with_newlines_is_still_one_line(bert, work, monkeypatch):
+    from hf_mlpfusion.errors import InvalidConfigError
+
+    def multiline(*a, **k):
+        raise InvalidConfigError("the server said:\n  first\n\n  second")
+
+    monkeypatch.setattr(compress_mod, "fuse", multiline)
+    assert_fails(run("compress", bert, "-o", work / "out"), 1, "the server said: first second")

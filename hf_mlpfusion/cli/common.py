@@ -40,6 +40,7 @@ HANDLED_SIGNALS = tuple(s for s in (getattr(signal, "SIGINT", None), getattr(sig
 
 
 def fail(message: str, code: int = 1) -> None:
+    message = " ".join(line.strip() for line in str(message).splitlines() if line.strip())  # always one line
     err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
