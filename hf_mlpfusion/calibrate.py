@@ -106,6 +106,49 @@ def max_tokens(model) -> int:
     return family_of(model).max_positions(model.config)
 
 
+# A vocabulary: without one of these, transformers still builds a tokenizer, of special tokens only,
+# that turns every text into two tokens (or a row of unknown ones): useless, and silently so.
+VOCABULARY_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model",
+                    "tokenizer.model", "merges.txt", "bpe.codes", "vocab.model", "source.spm")
+MIN_KNOWN_TOKENS = 0.05  # below 1 in 20 real tokens the text says nothing to the model
+
+
+def has_tokenizer_files(folder) -> bool:
+    from pathlib import Path
+
+    folder = Path(folder)
+    return any((folder / name).is_file() for name in VOCABULARY_FILES) or any(folder.glob("*.model"))
+
+
+def check_tokenizer(tokenizer, texts: list[str], *, where: str, sample: int = 64) -> None:
+    """Refuse a tokenizer that cannot tokenise `texts` meaningfully: no vocabulary beyond its special
+    tokens, or fewer than 1 in 20 of the tokens of the first `sample` texts known (not special or
+    unknown). Such a tokenizer makes calibration and evaluation silently useless."""
+    special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    if getattr(tokenizer, "unk_token_id", None) is not None:
+        special.add(tokenizer.unk_token_id)
+    try:
+        size = len(tokenizer)
+    except TypeError:
+        size = None
+    if size is not None and size <= len(special):
+        raise InvalidConfigError(
+            f"the tokenizer of {where} has no vocabulary ({size} special tokens only): its tokenizer files are "
+            "missing or broken; copy the tokenizer files of the model it came from"
+        )
+    texts = [t for t in texts[:sample] if t.strip()]
+    if not texts:
+        return
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    total = sum(len(x) for x in ids)
+    known = sum(1 for x in ids for t in x if t not in special)
+    if total == 0 or known < MIN_KNOWN_TOKENS * total:
+        raise InvalidConfigError(
+            f"the tokenizer of {where} turns the text into {'nothing' if total == 0 else f'{total - known} unknown tokens of {total}'}: "
+            "it does not fit this text or its files are broken; copy the tokenizer files of the model it came from"
+        )
+
+
 def prepare_tokenizer(tokenizer):
     """A tokenizer that can pad (GPT-2's has no pad token: use its end-of-text token)."""
     if getattr(tokenizer, "pad_token", "x") is None:
@@ -121,9 +164,17 @@ def batches(texts: list[str], tokenizer, *, max_length: int, batch_size: int, mo
     tokenizer = prepare_tokenizer(tokenizer)
     if model is not None:
         max_length = min(max_length, max_tokens(model))
+    extra = tokenizer.num_special_tokens_to_add() if hasattr(tokenizer, "num_special_tokens_to_add") else 0
+    if max_length <= extra:  # the tokenizer cannot truncate below its own special tokens: it would not truncate at all
+        raise InvalidConfigError(
+            f"max length {max_length} leaves no room for text: this tokenizer adds {extra} special tokens; "
+            f"use at least {extra + 1}"
+        )
     for s in range(0, len(texts), batch_size):
         enc = tokenizer(list(texts[s : s + batch_size]), padding=True, truncation=True, max_length=max_length,
                         return_tensors="pt")
+        if enc["input_ids"].shape[1] > max_length:
+            raise InvalidConfigError(f"the tokenizer did not truncate to {max_length} tokens: use a larger max length")
         yield {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
 

@@ -1,12 +1,17 @@
-"""The file pipeline: resolve the source -> load -> fuse -> save atomically (-> model card).
+"""The file pipeline: check everything cheap -> resolve the source -> load -> fuse -> save atomically.
 
-`compress(model_id, FusionConfig(...), output)` is what `mlpfusion compress` runs. Output is written
-to a temporary folder beside the target and renamed into place at the end, so an interrupted or
-failed run never leaves a half-written checkpoint, and nothing is overwritten without `overwrite`.
+`compress(model_id, FusionConfig(...), output)` is what `mlpfusion compress` runs. Every option, the
+output folder, the source's config.json and the headers of its weights files are checked before any
+weight is loaded, so a mistake costs seconds, not a load. Loaded weights are checked against the
+config (no missing, unexpected or mis-shaped tensor, no NaN; see `checks`). Output is written to a
+temporary folder beside the target and renamed into place at the end (`atomic`), so an interrupted
+or failed run never leaves a half-written checkpoint, the source is never replaced, and nothing is
+overwritten without `overwrite`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -18,7 +23,8 @@ from typing import Callable
 
 import torch
 
-from . import modeling
+from . import checks, modeling
+from .atomic import atomic_save, check_output, check_source, clean_stale  # noqa: F401  (public here too)
 from .families import family_for, head_name, is_fused_type
 from .config import FusionConfig
 from .errors import (
@@ -27,10 +33,11 @@ from .errors import (
     MLPFusionError,
     ModelNotFoundError,
     NetworkError,
-    OutputExistsError,
     UnsafeCheckpointError,
+    UnsupportedArchitectureError,
+    check_interrupted,
 )
-from .fuse import check_data_aware_method, fuse
+from .fuse import check_data_aware_method, fuse, resolve_device
 from .gguf import gguf_file, load_gguf
 from .methods import DATA_AWARE_METHODS
 
@@ -99,9 +106,9 @@ def default_output(model_id: str | None, config: FusionConfig) -> Path:
     return Path(f"{name}-mlpfusion-{amount}")
 
 
-def resolve_source(model_id: str | None, *, revision: str | None = None, token: str | None = None,
-                   allow_pickle: bool = False) -> Path:
-    """A local folder holding the checkpoint: the folder itself, or a Hub snapshot of the id."""
+def local_source(model_id: str | None) -> Path | None:
+    """The local folder `model_id` names (the built-in default for None), None for a Hub id; a path
+    that looks local but is not there is an error here, so that it never becomes a Hub download."""
     if model_id is None:
         return default_model_path()
     path = Path(model_id).expanduser()
@@ -109,8 +116,18 @@ def resolve_source(model_id: str | None, *, revision: str | None = None, token: 
         if not path.is_dir():
             raise ModelNotFoundError(f"{model_id} is a file: give the folder that holds config.json and the weights")
         return path
-    if str(model_id).startswith((".", "/", "~")) or str(model_id).count("/") > 1 or os.sep in str(model_id).replace("/", ""):
-        raise ModelNotFoundError(f"no such folder: {model_id}")
+    text = str(model_id)
+    if text.startswith((".", "/", "~")) or text.count("/") > 1 or os.sep in text.replace("/", "") or text.endswith("/"):
+        raise ModelNotFoundError(f"no such folder: {model_id} (and it is not a Hub id of the form org/name)")
+    return None
+
+
+def resolve_source(model_id: str | None, *, revision: str | None = None, token: str | None = None,
+                   allow_pickle: bool = False) -> Path:
+    """A local folder holding the checkpoint: the folder itself, or a Hub snapshot of the id."""
+    path = local_source(model_id)
+    if path is not None:
+        return path
     return _download(str(model_id), revision=revision, token=token, allow_pickle=allow_pickle)
 
 
@@ -150,9 +167,15 @@ def _download(repo_id: str, *, revision, token, allow_pickle) -> Path:
 
 def check_weights(folder: Path, *, allow_pickle: bool = False) -> list[Path]:
     """Refuse pickles unless opted in, and check every safetensors file is whole before loading."""
+    return inspect_weights(folder, allow_pickle=allow_pickle)[0]
+
+
+def inspect_weights(folder: Path, *, allow_pickle: bool = False) -> tuple[list[Path], dict | None]:
+    """(weights files, {tensor: shape} from their headers, or None for pickles) of a checkpoint folder,
+    every safetensors file checked to be whole and every shard of an index to be there."""
     if not (folder / "config.json").is_file():
         raise ModelNotFoundError(f"{folder} has no config.json: it is not a transformers checkpoint folder")
-    safe = sorted(folder.glob("*.safetensors"))
+    safe = checks.safetensors_files(folder)
     if not safe:
         pickled = [p for p in PICKLED_WEIGHTS if (folder / p).exists()] + [p.name for p in folder.glob("pytorch_model-*.bin")]
         if pickled:
@@ -161,67 +184,168 @@ def check_weights(folder: Path, *, allow_pickle: bool = False) -> list[Path]:
                     f"{folder} only has pickled weights ({pickled[0]}); pickles can run code. Convert it to "
                     "safetensors, or pass --allow-pickle if you trust its source"
                 )
-            return [folder / p for p in pickled]
+            return [folder / p for p in pickled], None
         raise CorruptCheckpointError(f"{folder} has a config.json but no weights file (model.safetensors)")
-    from safetensors import safe_open
+    header = checks.read_headers(safe)
+    checks.check_index(folder, header)
+    return safe, header
 
-    for f in safe:
-        try:  # safetensors checks the header and that the data section matches the file's length
-            with safe_open(str(f), framework="pt") as handle:
-                handle.keys()
-        except Exception as err:  # safetensors raises its own error types for bad headers
+
+def read_config(folder: Path) -> dict:
+    """config.json as a dict, or a one-line error saying what is wrong with it."""
+    path = folder / "config.json"
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CorruptCheckpointError(f"{path} is not valid JSON ({err}): fix or re-download it") from None
+    except OSError as err:
+        raise ModelNotFoundError(f"cannot read {path}: {err.strerror}") from None
+    if not isinstance(data, dict):
+        raise CorruptCheckpointError(f"{path} is not a JSON object: fix or re-download it")
+    if not data.get("model_type"):
+        from .families import supported
+
+        raise UnsupportedArchitectureError(
+            f"{path} has no model_type, so its architecture is unknown: add the model_type of its architecture "
+            f"(one of {supported()}) or re-download it"
+        )
+    return data
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint folder whose config, architecture and weights headers have been checked, not loaded yet."""
+
+    folder: Path
+    family: object
+    head: str
+    cls: type
+    config: object
+    header: dict | None  # {tensor: shape} of its safetensors files; None for pickles
+    allow_pickle: bool = False
+
+    def load(self):
+        """The model, in its own dtype, with every tensor checked: missing, unexpected, mis-shaped, non-finite."""
+        check_interrupted()
+        with quiet_transformers():
+            try:
+                model, info = self.cls.from_pretrained(
+                    str(self.folder), dtype="auto", use_safetensors=self.header is not None,  # pickles only when allowed and alone
+                    output_loading_info=True, ignore_mismatched_sizes=True,
+                )
+            except MLPFusionError:
+                raise
+            except Exception as err:
+                if "os error" in str(err) or isinstance(err, OSError):
+                    raise CorruptCheckpointError(f"could not read {self.folder}: {str(err).splitlines()[0][:200]}") from None
+                raise CorruptCheckpointError(
+                    f"could not load {self.folder} as {self.head}: {str(err).splitlines()[0][:200]}"
+                ) from None
+        check_interrupted()  # a Ctrl-C that a loader thread swallowed
+        checks.check_loading_info(self.folder, info, model)
+        checks.check_finite(model, str(self.folder))
+        model.eval()
+        return model
+
+
+@contextlib.contextmanager
+def quiet_transformers():
+    """transformers quiet (its load report and progress bars would break the one-line errors; its
+    report is checked by `checks.check_loading_info` instead) and loading in the main thread, so
+    that Ctrl-C is never swallowed by a loader thread pool."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    env = os.environ.get("HF_DEACTIVATE_ASYNC_LOAD")
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    os.environ["HF_DEACTIVATE_ASYNC_LOAD"] = "1"
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+        if env is None:
+            os.environ.pop("HF_DEACTIVATE_ASYNC_LOAD", None)
+        else:
+            os.environ["HF_DEACTIVATE_ASYNC_LOAD"] = env
+
+
+def open_checkpoint(folder: Path, *, allow_pickle: bool = False, fused_ok: bool = False) -> Checkpoint:
+    """Every check that needs no weights: config.json, architecture and head, file integrity, and
+    the tensors in the files against the model the config describes (built on the meta device)."""
+    import transformers
+
+    files, header = inspect_weights(folder, allow_pickle=allow_pickle)
+    cfg_dict = read_config(folder)
+    model_type = cfg_dict.get("model_type")
+    family = family_for(model_type, fused_ok=fused_ok)
+    head = head_name(model_type, cfg_dict.get("architectures"))
+    cls = modeling.model_class_for(head) if is_fused_type(model_type) else getattr(transformers, head)
+    try:
+        with quiet_transformers():
+            config = cls.config_class.from_pretrained(str(folder))
+    except Exception as err:
+        raise CorruptCheckpointError(
+            f"{folder / 'config.json'} is not a valid {head} config ({str(err).splitlines()[0][:160]}): fix or re-download it"
+        ) from None
+    if header is not None:
+        try:
+            checks.check_against_config(folder, header, cls, config)
+        except MLPFusionError:
+            raise
+        except Exception as err:  # the config cannot even build its model
             raise CorruptCheckpointError(
-                f"{f} is corrupt or truncated ({str(err).splitlines()[0][:120]}): download it again"
+                f"{folder / 'config.json'} does not describe a valid {head} ({str(err).splitlines()[0][:160]}): fix or re-download it"
             ) from None
-    return safe
+    return Checkpoint(folder, family, head, cls, config, header, allow_pickle)
 
 
 def load_model(folder: Path, *, allow_pickle: bool = False, fused_ok: bool = False):
     """Load a checkpoint with the class its config names (the head is kept).
 
     With `fused_ok`, a checkpoint written by this tool (model_type "mlpfusion_*") loads too, with
-    the package's own fused class (no remote code); without it, fusing one is refused.
+    the package's own fused class (no remote code); without it, fusing one is refused. Every tensor
+    is checked against the config, before loading (from the file headers) and after (transformers'
+    loading report), and for NaN/inf: a damaged checkpoint is a `CorruptCheckpointError`.
     """
-    import transformers
-
-    check_weights(folder, allow_pickle=allow_pickle)
-    try:
-        cfg_dict = json.loads((folder / "config.json").read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CorruptCheckpointError(f"{folder / 'config.json'} is not valid JSON ({err}): fix or re-download it") from None
-    model_type = cfg_dict.get("model_type")
-    family = family_for(model_type, fused_ok=fused_ok)
-    head = head_name(model_type, cfg_dict.get("architectures"))
-    cls = modeling.model_class_for(head) if is_fused_type(model_type) else getattr(transformers, head)
-    try:
-        model = cls.from_pretrained(str(folder), dtype="auto", use_safetensors=not allow_pickle)
-    except MLPFusionError:
-        raise
-    except Exception as err:
-        raise CorruptCheckpointError(
-            f"could not load {folder} as {head}: {str(err).splitlines()[0][:200]}"
-        ) from None
-    model.eval()
-    return model, family, head
+    ckpt = open_checkpoint(folder, allow_pickle=allow_pickle, fused_ok=fused_ok)
+    return ckpt.load(), ckpt.family, ckpt.head
 
 
-def source_tokenizer(source_dir):
-    """The tokenizer saved with the source checkpoint."""
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(str(source_dir))
-    except Exception as err:
-        raise InvalidConfigError(f"calibration needs the model's tokenizer, which could not be loaded: {err}") from None
-
-
-def _calibration_data(tokenizer, calibration, samples, column=None):
+def _calibration_data(tokenizer, calibration, samples, column=None, *, where: str = "the source"):
     """The calibration texts: the built-in mix (balanced by the model's tokens), a spec of it, or the
-    user's text / JSON-lines / CSV / Parquet file or folder (see `hf_mlpfusion.text`)."""
+    user's text / JSON-lines / CSV / Parquet file or folder (see `hf_mlpfusion.text`); the tokenizer is
+    checked to turn that text into real tokens."""
+    from .calibrate import check_tokenizer
     from .text import load_calibration
 
-    return load_calibration("builtin" if calibration is None else str(calibration), column=column, limit=samples,
-                            tokenizer=tokenizer)
+    texts = load_calibration("builtin" if calibration is None else str(calibration), column=column, limit=samples,
+                             tokenizer=tokenizer)
+    check_tokenizer(tokenizer, texts, where=where)
+    return texts
+
+
+def load_source_tokenizer(folder: Path):
+    """The tokenizer saved in `folder` (local files only: never a Hub look-up)."""
+    from transformers import AutoTokenizer
+
+    from .calibrate import has_tokenizer_files
+
+    if not has_tokenizer_files(folder):
+        raise InvalidConfigError(
+            f"{folder} has no tokenizer files (tokenizer.json, vocab.txt, vocab.json, tokenizer.model, ...), so its "
+            "calibration text cannot be tokenised: copy the tokenizer files of the model it came from into it"
+        )
+    try:
+        with quiet_transformers():
+            return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except Exception as err:
+        raise InvalidConfigError(
+            f"calibration needs the model's tokenizer, which could not be loaded from {folder}: "
+            f"{str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__}"
+        ) from None
 
 
 def _calibrate(model, fused, texts, tokenizer, refit, distill_steps, seed, say) -> None:
@@ -244,18 +368,6 @@ def resolve_data_aware(data_aware: bool | None, calibration, method: str) -> boo
     return bool(data_aware)
 
 
-def _prepare_output(output: Path, overwrite: bool) -> None:
-    if output.exists() and not overwrite:
-        raise OutputExistsError(f"{output} already exists: choose another --output or pass --overwrite")
-    if output.exists() and not output.is_dir():
-        raise OutputExistsError(f"{output} is a file: choose another --output")
-    parent = output.resolve().parent
-    if not parent.exists():
-        raise InvalidConfigError(f"the folder {parent} does not exist: create it first or choose another --output")
-    if not os.access(parent, os.W_OK):
-        raise InvalidConfigError(f"cannot write into {parent}: choose another --output")
-
-
 def copy_processor_files(source: Path, target: Path) -> list[str]:
     copied = []
     for name in PROCESSOR_FILES:
@@ -269,9 +381,10 @@ def save_fused(model, folder: Path, *, source_dir: Path | None = None, repo_id: 
                tokenizer=None) -> None:
     """save_pretrained (safetensors) + the remote code of custom classes + processor files
     + sentence-transformers module files + card."""
-    model.save_pretrained(str(folder))  # safetensors; a fused class also writes its remote-code bundle
-    if tokenizer is not None and source_dir is None:  # a source without a folder (GGUF): its own tokenizer
-        tokenizer.save_pretrained(str(folder))
+    with quiet_transformers():  # no progress bars: a failure stays one line
+        model.save_pretrained(str(folder))  # safetensors; a fused class also writes its remote-code bundle
+        if tokenizer is not None and source_dir is None:  # a source without a folder (GGUF): its own tokenizer
+            tokenizer.save_pretrained(str(folder))
     if source_dir is not None:
         copy_processor_files(source_dir, folder)
         from .sentence_transformers_files import copy_files  # modules.json, 1_Pooling/, ... of a sentence-transformers source
@@ -282,23 +395,29 @@ def save_fused(model, folder: Path, *, source_dir: Path | None = None, repo_id: 
     write_model_card(folder, source_dir=source_dir, repo_id=repo_id)
 
 
-def atomic_save(write: Callable[[Path], None], output: Path, *, overwrite: bool) -> None:
-    """Write into a temporary sibling folder, then rename it into place."""
-    output = Path(output)
-    tmp = output.parent / f".{output.name}.partial-{os.getpid()}"
-    old = output.parent / f".{output.name}.old-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir(parents=False)
-        write(tmp)
-        if output.exists():
-            if not overwrite:
-                raise OutputExistsError(f"{output} appeared while compressing: choose another --output or pass --overwrite")
-            output.rename(old)
-        tmp.rename(output)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
+def check_options(config: FusionConfig, *, distill_steps: int = 0, calibration=None, calibration_samples: int = 1024,
+                  data_aware: bool | None = None) -> bool:
+    """Every option of a run that can be checked without the model; returns the resolved data_aware."""
+    if isinstance(distill_steps, bool) or not isinstance(distill_steps, int) or distill_steps < 0:
+        raise InvalidConfigError(f"distill steps {distill_steps!r} is not a whole number >= 0: use 0 (off) or more")
+    if isinstance(calibration_samples, bool) or not isinstance(calibration_samples, int) or calibration_samples < 1:
+        raise InvalidConfigError(f"calibration samples {calibration_samples!r} must be a whole number >= 1")
+    if calibration is not None:
+        from .text import is_builtin_spec, parse_builtin_spec
+
+        if is_builtin_spec(str(calibration)):
+            parse_builtin_spec(str(calibration))  # an unknown source is an error now, not after loading
+        elif not Path(calibration).exists():
+            raise InvalidConfigError(f"calibration file {calibration} not found: give a text file, a folder, a JSON-lines / "
+                                     "CSV / Parquet file, or 'builtin'")
+    resolve_device(config.device)
+    return resolve_data_aware(data_aware, calibration, config.method)
+
+
+def check_plan(config: FusionConfig, family, model_config) -> None:
+    """The layers and widths asked for fit the model that `model_config` describes (no weights needed)."""
+    config.resolve_layers(family.num_layers(model_config))
+    config.width_for(family.intermediate_size(model_config))  # a stock config has one width for every layer
 
 
 def compress(model_id: str | None = None, config: FusionConfig | None = None, output: str | Path | None = None, *,
@@ -323,33 +442,47 @@ def compress(model_id: str | None = None, config: FusionConfig | None = None, ou
     """
     config = config or FusionConfig()
     say = progress or (lambda msg: None)
+    # 1. every option, before anything is read
     output = Path(output) if output is not None else default_output(model_id, config)
-    if distill_steps < 0:
-        raise InvalidConfigError(f"distill steps {distill_steps} is negative: use 0 (off) or more")
-    data_aware = resolve_data_aware(data_aware, calibration, config.method)
+    data_aware = check_options(config, distill_steps=distill_steps, calibration=calibration,
+                               calibration_samples=calibration_samples, data_aware=data_aware)
     if allocate and calibration is None:
         raise InvalidConfigError("--allocate measures each layer on calibration text: add --calibration builtin (or a file)")
-    _prepare_output(output, overwrite)
+    # 2. the output and the source, before anything heavy: the source is never replaced
+    gguf = gguf_file(model_id) if model_id is not None and Path(model_id).expanduser().exists() else None
+    source_dir = local_source(model_id) if gguf is None else None
+    guarded = source_dir if gguf is None else (gguf.parent if Path(model_id).expanduser().is_dir() else None)
+    target = check_output(output, overwrite, source=guarded)
     seconds = {}
 
     t0 = time.perf_counter()
-    say("resolving the model")
-    gguf = gguf_file(model_id) if model_id is not None and Path(model_id).expanduser().exists() else None
-    tokenizer = None
+    texts = tokenizer = metrics = None
     if gguf is not None:  # a llama.cpp file: dequantised to a stock float32 model, with its tokenizer
         say(f"reading {gguf.name} (GGUF)")
         model, tokenizer = load_gguf(gguf)
-        family, source_dir = family_for(model.config.model_type, fused_ok=False), None
+        family = family_for(model.config.model_type, fused_ok=False)
+        check_plan(config, family, model.config)
+        checks.check_finite(model, gguf.name)
+        if calibration is not None or distill_steps:
+            texts = _calibration_data(tokenizer, calibration, calibration_samples, calibration_column, where=gguf.name)
     else:
-        source_dir = resolve_source(model_id, revision=revision, token=token, allow_pickle=allow_pickle)
+        if source_dir is None:
+            say("resolving the model")
+            source_dir = resolve_source(model_id, revision=revision, token=token, allow_pickle=allow_pickle)
+            check_source(target, source_dir)
+        # 3. the checkpoint without its weights: config, architecture, file integrity, tensors vs config
+        ckpt = open_checkpoint(source_dir, allow_pickle=allow_pickle)
+        family = ckpt.family
+        check_plan(config, family, ckpt.config)
+        if calibration is not None or distill_steps:
+            tokenizer = load_source_tokenizer(source_dir)
+            texts = _calibration_data(tokenizer, calibration, calibration_samples, calibration_column,
+                                      where=str(source_dir))
+        # 4. the heavy work
         say(f"loading {source_dir}")
-        model, family, _ = load_model(source_dir, allow_pickle=allow_pickle)
+        model = ckpt.load()
     seconds["load"] = time.perf_counter() - t0
 
-    texts = metrics = None
-    if calibration is not None or distill_steps:
-        tokenizer = tokenizer or source_tokenizer(source_dir)
-        texts = _calibration_data(tokenizer, calibration, calibration_samples, calibration_column)
     if data_aware:
         from .calibrate import data_metrics
 
@@ -379,16 +512,18 @@ def compress(model_id: str | None = None, config: FusionConfig | None = None, ou
     if allocation is not None:
         fused.config.mlpfusion["allocation"] = allocation.summary()
     seconds["fuse"] = time.perf_counter() - t0
+    check_interrupted()
 
     if texts is not None:
         t0 = time.perf_counter()
         _calibrate(model, fused, texts, tokenizer, calibration is not None, distill_steps, config.seed, say)
         seconds["calibrate"] = time.perf_counter() - t0
 
+    checks.check_finite(fused, str(source_dir), fused=True)
     t0 = time.perf_counter()
     say(f"saving to {output}")
     atomic_save(lambda tmp: save_fused(fused, tmp, source_dir=source_dir, repo_id=repo_id, tokenizer=tokenizer),
-                output, overwrite=overwrite)
+                target, overwrite=overwrite)
     seconds["save"] = time.perf_counter() - t0
 
     meta = fused.config.mlpfusion

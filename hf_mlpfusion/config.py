@@ -18,8 +18,12 @@ def parse_layers(spec: str | Sequence[int] | range | None) -> list[int] | None:
         return None
     if isinstance(spec, str):
         text = spec.replace(" ", "")
-        if text.lower() in ("", "all"):
+        if text.lower() == "all":
             return None
+        if not text:
+            raise InvalidConfigError(
+                "the layer list is empty: name layers such as '4-11' or '0,2,5', or leave the option out to fuse all"
+            )
         out: set[int] = set()
         for part in text.split(","):
             m = re.fullmatch(r"(\d+)(?:-(\d+))?", part)

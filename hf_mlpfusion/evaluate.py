@@ -104,16 +104,40 @@ def load_any(folder: str | Path):
 
 
 def load_tokenizer(*folders):
+    """The tokenizer of the first folder that has tokenizer files (local files only: never the Hub)."""
     from transformers import AutoTokenizer
 
-    for folder in folders:
-        if folder is None:
+    from .calibrate import has_tokenizer_files
+    from .compress import quiet_transformers
+
+    tried = [f for f in folders if f is not None]
+    for folder in tried:
+        if not has_tokenizer_files(folder):
             continue
         try:
-            return AutoTokenizer.from_pretrained(str(folder))
+            with quiet_transformers():
+                return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
         except Exception:
             continue
-    raise InvalidConfigError("no tokenizer found next to either model: pass one (or copy the tokenizer files)")
+    raise InvalidConfigError(
+        f"no usable tokenizer files (tokenizer.json, vocab.txt, ...) in {' or '.join(map(str, tried)) or 'either model'}: "
+        "copy the tokenizer files of the original model into one of the folders"
+    )
+
+
+def check_comparable(original_config, fused_config) -> None:
+    """The two models can be compared token by token: one family, hidden size, depth and vocabulary."""
+    fo, ff = family_of(original_config), family_of(fused_config)
+    if fo.name != ff.name:
+        raise InvalidConfigError("the two models are of different families: compare a fused model with its original")
+    facts = [("hidden size", fo.hidden_size(original_config), ff.hidden_size(fused_config)),
+             ("number of layers", fo.num_layers(original_config), ff.num_layers(fused_config)),
+             ("vocabulary size", getattr(original_config, "vocab_size", None), getattr(fused_config, "vocab_size", None))]
+    for what, a, b in facts:
+        if a != b:
+            raise InvalidConfigError(
+                f"the two models differ in {what} ({a} and {b}): compare a fused model with the model it was fused from"
+            )
 
 
 # --- metrics ------------------------------------------------------------------------------------
@@ -273,25 +297,45 @@ class _Prepared:
     tokenizer: object
     pooling: object
     names: list
+    where: str = "the models"
 
 
-def _prepare(original, fused, tokenizer, say) -> _Prepared:
+def _prepare(original, fused, tokenizer, say, *, samples=None, ntk_examples=0, max_length=1, batch_size=1,
+             latency_repeats=0) -> _Prepared:
+    """Check everything cheap first (the counts, both folders, their configs and weights headers, the
+    tokenizer), then load both models."""
+    from .compress import open_checkpoint
+
     names = [str(original) if isinstance(original, (str, Path)) else str(getattr(original.config, "_name_or_path", "") or "original"),
              str(fused) if isinstance(fused, (str, Path)) else str(getattr(fused.config, "_name_or_path", "") or "fused")]
+    for name, value, low in (("samples", samples, 1), ("ntk examples", ntk_examples, 0), ("max length", max_length, 1),
+                             ("batch size", batch_size, 1), ("latency repeats", latency_repeats, 0)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
+            raise InvalidConfigError(f"{name} {value!r} must be a whole number >= {low}")
+    opened = {}
+    for role, x in (("original", original), ("fused", fused)):
+        if isinstance(x, (str, Path)):
+            if not Path(x).is_dir():
+                raise ModelNotFoundError(f"no such folder: {x} (the {role} model)")
+            opened[role] = open_checkpoint(Path(x), fused_ok=True)
+    if len(opened) == 2:
+        check_comparable(opened["original"].config, opened["fused"].config)
     if tokenizer is None:
         tokenizer = load_tokenizer(*(x for x in (fused, original) if isinstance(x, (str, Path))))
     from .sentence_transformers_files import pooling_for
 
     pooling = pooling_for(original, fused)  # a sentence-transformers source: its own pooling; else mean
-    if isinstance(original, (str, Path)):
+    where = " / ".join(str(x) for x in (fused, original) if isinstance(x, (str, Path))) or "the models"
+    if "original" in opened:
         say(f"loading {original}")
-        original = load_any(original)
-    if isinstance(fused, (str, Path)):
+        original = opened["original"].load()
+    if "fused" in opened:
         say(f"loading {fused}")
-        fused = load_any(fused)
-    if family_of(original).name != family_of(fused).name:
-        raise InvalidConfigError("the two models are of different families: compare a fused model with its original")
-    return _Prepared(original, fused, tokenizer, pooling, names)
+        fused = opened["fused"].load()
+    check_comparable(original.config, fused.config)
+    prepared = _Prepared(original, fused, tokenizer, pooling, names)
+    prepared.where = where
+    return prepared
 
 
 def evaluate(original, fused, texts: list[str] | None = None, tokenizer=None, *, samples: int | None = 256,
@@ -300,12 +344,15 @@ def evaluate(original, fused, texts: list[str] | None = None, tokenizer=None, *,
     """Compare `fused` with `original` (models or checkpoint folders) on `texts` (None = the
     built-in held-out English text). `ntk_examples=0` skips the NTK, `latency_repeats=0` the timing."""
     say = progress or (lambda msg: None)
-    return _evaluate(_prepare(original, fused, tokenizer, say), texts, samples=samples, ntk_examples=ntk_examples,
-                     max_length=max_length, batch_size=batch_size, latency_repeats=latency_repeats, seed=seed, say=say)
+    prepared = _prepare(original, fused, tokenizer, say, samples=samples, ntk_examples=ntk_examples,
+                        max_length=max_length, batch_size=batch_size, latency_repeats=latency_repeats)
+    return _evaluate(prepared, texts, samples=samples, ntk_examples=ntk_examples, max_length=max_length,
+                     batch_size=batch_size, latency_repeats=latency_repeats, seed=seed, say=say)
 
 
 def _evaluate(prepared: _Prepared, texts, *, samples, ntk_examples, max_length, batch_size, latency_repeats, seed,
               say) -> EvaluationReport:
+    from .calibrate import check_tokenizer
     from .data import load_texts
 
     original, fused, tokenizer, pooling, names = (prepared.original, prepared.fused, prepared.tokenizer,
@@ -313,6 +360,7 @@ def _evaluate(prepared: _Prepared, texts, *, samples, ntk_examples, max_length, 
     texts = load_texts(None, split="heldout", limit=samples) if texts is None else list(texts)[:samples]
     if not texts:
         raise InvalidConfigError("no text to evaluate on")
+    check_tokenizer(tokenizer, texts, where=prepared.where)
     tokenizer = prepare_tokenizer(tokenizer)
     was = (original.training, fused.training)
     original.eval()
@@ -372,7 +420,8 @@ def evaluate_domains(original, fused, domains: dict[str, list[str]] | str | None
         domains = heldout_texts(domains or "builtin", limit=samples)
     if not domains:
         raise InvalidConfigError("no texts to evaluate on: give at least one domain")
-    prepared = _prepare(original, fused, tokenizer, say)
+    prepared = _prepare(original, fused, tokenizer, say, samples=samples, ntk_examples=ntk_examples,
+                        latency_repeats=latency_repeats)
     out = {}
     for j, (name, texts) in enumerate(domains.items()):
         say(f"domain {name} ({j + 1}/{len(domains)})")

@@ -125,7 +125,7 @@ def test_missing_model_and_unsupported_architecture(tmp_path):
 
 def test_hub_id_without_network_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
-    assert_one_line_error(run("compress", "some-org/some-model", "-o", tmp_path / "o"), "could not download", "network")
+    assert_one_line_error(run("compress", "some-org/some-model", "-o", tmp_path / "o"), "could not download", "network", code=4)
 
 
 def test_corrupt_truncated_and_pickled_weights(bert_dir, tmp_path):
@@ -135,9 +135,9 @@ def test_corrupt_truncated_and_pickled_weights(bert_dir, tmp_path):
     shutil.copytree(bert_dir, bad)
     weights = bad / "model.safetensors"
     os.truncate(weights, weights.stat().st_size - 64)
-    assert_one_line_error(run("compress", bad, "-o", tmp_path / "o"), "corrupt or truncated", "download it again")
+    assert_one_line_error(run("compress", bad, "-o", tmp_path / "o"), "corrupt or truncated", "download it again", code=5)
     (bad / "model.safetensors").write_bytes(b"\x00" * 4)
-    assert_one_line_error(run("compress", bad, "-o", tmp_path / "o"), "corrupt or truncated")
+    assert_one_line_error(run("compress", bad, "-o", tmp_path / "o"), "corrupt or truncated", code=5)
     pickled = tmp_path / "pickled"
     shutil.copytree(bert_dir, pickled)
     from safetensors.torch import load_file

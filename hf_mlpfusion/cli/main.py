@@ -33,7 +33,9 @@ except ImportError:  # pragma: no cover
 
 
 def main() -> None:
-    app()
+    from .common import run
+
+    run(app)  # signal handlers first; any failure is one line and an exit code (cli/common.py)
 
 
 if __name__ == "__main__":

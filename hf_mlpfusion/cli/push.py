@@ -11,16 +11,14 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
-from rich.text import Text
 
-from hf_mlpfusion.hub import HubError, describe, push_folder
+from hf_mlpfusion.errors import EXIT_AUTH, EXIT_NETWORK, EXIT_OK, EXIT_USER  # noqa: F401  (documented above)
+from hf_mlpfusion.hub import describe, push_folder
 
-_err = Console(stderr=True, soft_wrap=True, highlight=False)
-
-EXIT_OK, EXIT_USER, EXIT_AUTH, EXIT_NETWORK = 0, 1, 3, 4
+from .common import user_errors
 
 
+@user_errors  # the one error mapping of every command: one red line, the error's exit code
 def push(
     folder: Annotated[Path, typer.Argument(help="Checkpoint folder written by `mlpfusion compress`.")],
     repo_id: Annotated[str, typer.Argument(help="Target repo, e.g. my-org/roberta-base-mlpfusion-0.25.")],
@@ -32,10 +30,6 @@ def push(
     endpoint: Annotated[Optional[str], typer.Option("--endpoint", help="Hub URL for self-hosted Hubs (default: HF_ENDPOINT).")] = None,
 ) -> None:
     """Upload a compressed checkpoint folder to the Hugging Face Hub; prints the commit or PR URL."""
-    try:
-        result = push_folder(folder, repo_id, token=token, private=private, revision=revision, create_pr=create_pr,
-                             commit_message=commit_message, endpoint=endpoint)
-    except HubError as err:
-        _err.print(Text(f"error: {err}", style="red"))
-        raise typer.Exit(code=getattr(err, "exit_code", EXIT_USER) or EXIT_USER) from None
+    result = push_folder(folder, repo_id, token=token, private=private, revision=revision, create_pr=create_pr,
+                         commit_message=commit_message, endpoint=endpoint)
     typer.echo(describe(result))

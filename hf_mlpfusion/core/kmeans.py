@@ -237,7 +237,7 @@ def _solve_group(x_orig, k, R, max_iter, tol, refine, u_first, u_trials, out_dty
                            _REL_TOL, max_sweeps, labels[p])
 
     stats = _parallel(run, P)
-    del gram_np
+    gram_np = None  # free the Gram matrices (the closure above holds the name)
     n_iter = max(s[0] for s in stats)
     n_moves = sum(s[1] for s in stats)
     lab = torch.from_numpy(labels).view(G, R, n)
