@@ -299,7 +299,7 @@ def compress(model_id: str | None = None, config: FusionConfig | None = None, ou
              token: str | None = None, progress: Callable[[str], None] | None = None,
              calibration: str | Path | None = None, distill_steps: int = 0,
              calibration_samples: int = 1024, data_aware: bool | None = None,
-             repo_id: str | None = None) -> CompressResult:
+             repo_id: str | None = None, base_model: str | None = None) -> CompressResult:
     """Fuse a checkpoint (folder or Hub id; None = the built-in MiniLM) and save it to `output`.
 
     `calibration` (a text file, or "builtin" for the built-in English text) turns on the
@@ -309,6 +309,7 @@ def compress(model_id: str | None = None, config: FusionConfig | None = None, ou
     `hf_mlpfusion.fusion.DataMetric`); None (default) = on whenever there is calibration text and the
     method clusters (fusion, cluster).
     `repo_id` is the Hub repo the result is meant for (used in the model card's loading snippets).
+    `base_model` is the Hub id of a local source (the card's `base_model`); a Hub id source is its own.
     """
     config = config or FusionConfig()
     say = progress or (lambda msg: None)
@@ -316,6 +317,9 @@ def compress(model_id: str | None = None, config: FusionConfig | None = None, ou
     if distill_steps < 0:
         raise InvalidConfigError(f"distill steps {distill_steps} is negative: use 0 (off) or more")
     data_aware = resolve_data_aware(data_aware, calibration, config.method)
+    from .hub import check_base_model
+
+    base_model = check_base_model(base_model)
     _prepare_output(output, overwrite)
     seconds = {}
 
@@ -340,11 +344,16 @@ def compress(model_id: str | None = None, config: FusionConfig | None = None, ou
     t0 = time.perf_counter()
     source = model_id if model_id is not None else f"sentence-transformers/{DEFAULT_MODEL_NAME}"
     fused = fuse(model, config, source=str(source), metrics=metrics, progress=say)
+    if base_model is not None:
+        fused.config.mlpfusion["base_model"] = base_model
     seconds["fuse"] = time.perf_counter() - t0
 
     if texts is not None:
         t0 = time.perf_counter()
         _calibrate(model, fused, texts, tokenizer, calibration is not None, distill_steps, config.seed, say)
+        # which text, for the card: "builtin" or the file's name (never its path)
+        fused.config.mlpfusion["calibration"]["text"] = "builtin" if calibration in (None, "builtin") \
+            else Path(calibration).name
         seconds["calibrate"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()

@@ -15,9 +15,34 @@ from pathlib import Path
 from . import configuration_mlpfusion as _configuration
 from . import modeling_mlpfusion as _modeling
 from .configuration_mlpfusion import config_class_for, fused_model_type, stock_model_type
-from .modeling_mlpfusion import BUNDLE_FILES, SAVE_HOOKS, CountScaledActivation, model_class_for, write_bundle
+from .modeling_mlpfusion import (
+    BUNDLE_FILES,
+    PUSH_HOOKS,
+    SAVE_HOOKS,
+    CountScaledActivation,
+    model_class_for,
+    write_bundle,
+)
 
 HERE = Path(__file__).resolve().parent
+
+
+def _card_hook(folder, model) -> None:  # every save of a fused model: the package's model card
+    from ..hub import card_save_hook
+
+    card_save_hook(folder, model)
+
+
+def _push_hook(folder, repo_id, **options) -> str:  # push_to_hub: what `mlpfusion push` does
+    from ..hub import upload_saved
+
+    return upload_saved(folder, repo_id, **options)
+
+
+if _card_hook not in SAVE_HOOKS:
+    SAVE_HOOKS.append(_card_hook)
+if _push_hook not in PUSH_HOOKS:
+    PUSH_HOOKS.append(_push_hook)
 _REGISTERED: set[str] = set()
 
 
@@ -82,6 +107,6 @@ def register() -> None:
     register_models()
 
 
-__all__ = ["BUNDLE_FILES", "HERE", "SAVE_HOOKS", "CountScaledActivation", "config_class_for", "fused_model_type",
+__all__ = ["BUNDLE_FILES", "HERE", "PUSH_HOOKS", "SAVE_HOOKS", "CountScaledActivation", "config_class_for", "fused_model_type",
            "model_class_for", "register", "register_configs", "register_models",
            "register_tokenizers", "stock_model_type", "write_bundle", "_configuration", "_modeling"]
