@@ -686,11 +686,15 @@ def render_model_card(config: dict, *, source_meta: dict | None = None, fidelity
             return widths[i]
         return widths[layer] if 0 <= layer < len(widths) else None
 
+    clustered = any(v is not None for v in inertia)  # prune and sketch have no k-means, so no inertia column
     for i, layer in enumerate(layers):
         wb, wa = width(widths_before, i, layer), width(widths_after, i, layer)
-        layer_rows.append(f"| {layer} | {_fmt(wb)} | {_fmt(wa)} | {_fmt(inertia[i] if i < len(inertia) else None)} |")
+        cells = [str(layer), _fmt(wb), _fmt(wa)] + ([_fmt(inertia[i] if i < len(inertia) else None)] if clustered else [])
+        layer_rows.append("| " + " | ".join(cells) + " |")
+    header = ["layer", "width before", "width after"] + (["k-means inertia"] if clustered else [])
     if not layer_rows:
-        layer_rows = ["| — | — | — | — |"]
+        layer_rows = ["| " + " | ".join("—" for _ in header) + " |"]
+    layer_table = "\n".join(["| " + " | ".join(header) + " |", "|" + "---:|" * len(header)] + layer_rows)
 
     parts = [p for p in ((_evaluation_section(fidelity) if fidelity else ""),
                          (_calibration_section(cal) if isinstance(cal, dict) else "")) if p]
@@ -710,7 +714,7 @@ def render_model_card(config: dict, *, source_meta: dict | None = None, fidelity
         "title": name,
         "intro": _intro(meta, source_ref),
         "summary_rows": summary_rows,
-        "layer_rows": "\n".join(layer_rows),
+        "layer_table": layer_table,
         "fidelity_section": fidelity_section,
         "repo_id": repo_id or f"your-namespace/{name}",
         "stock_note": stock_note,
