@@ -131,29 +131,29 @@ def emit_json(obj) -> None:
 
 @contextlib.contextmanager
 def progress(quiet: bool, start: str = "starting"):
-    """Yields say(message): a spinner on stderr, or nothing with -q (Hub progress bars and transformers'
-    warnings are silenced too, for the length of the command)."""
+    """Yields say(message): a spinner on stderr, or, with -q, nothing at all on stderr: the Hub's and
+    transformers' progress bars and transformers' warnings are silenced for the length of the command."""
     if not quiet:
         with err_console.status(start) as status:
             yield lambda msg: status.update(msg)
         return
     from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+    from transformers.utils import logging as hf_logging  # the transformers package alone: no torch
 
-    was_disabled = are_progress_bars_disabled()
-    disable_progress_bars()
-    verbosity = None
-    if "transformers" in sys.modules:
-        from transformers.utils import logging as hf_logging
-
-        verbosity = hf_logging.get_verbosity()
-        hf_logging.set_verbosity_error()
+    hub_bars_off, bars_on, verbosity = are_progress_bars_disabled(), hf_logging.is_progress_bar_enabled(), \
+        hf_logging.get_verbosity()
+    hf_logging.disable_progress_bar()  # the Hub's too
+    hf_logging.set_verbosity_error()
     try:
         yield lambda msg: None
     finally:
-        if not was_disabled:
+        hf_logging.set_verbosity(verbosity)
+        if bars_on:
+            hf_logging.enable_progress_bar()
+        if hub_bars_off:
+            disable_progress_bars()
+        else:
             enable_progress_bars()
-        if verbosity is not None:
-            hf_logging.set_verbosity(verbosity)
 
 
 def note(message: str, quiet: bool = False) -> None:
