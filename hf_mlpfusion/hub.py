@@ -643,6 +643,10 @@ def render_model_card(config: dict, *, source_meta: dict | None = None, fidelity
     if base_model:
         source_row = f"[{base_model}](https://huggingface.co/{base_model})"
         source_ref = source_row
+    elif source and "base_model" not in meta:  # written before the source's kind was recorded
+        source_row = (f"`{_fmt(source)}` (as hf-mlpfusion {_fmt(meta.get('library_version'))} recorded it; "
+                      "whether that is a Hub id was not recorded)")
+        source_ref = f"`{_fmt(source)}`"
     elif source:
         source_row = f"`{_fmt(source)}` (a local folder; not on the Hub as far as hf-mlpfusion knows)"
         source_ref = f"`{_fmt(source)}`"
@@ -824,6 +828,8 @@ def refresh_card(folder: str | os.PathLike, repo_id: str) -> bool:
         return False
     if not isinstance(config.get("mlpfusion"), dict):
         return False
+    if readme.exists() and _card_repo_id(readme) == repo_id:
+        return False  # already rendered for this repo (every change to config.json renders the card again)
     try:
         write_model_card(folder, repo_id=repo_id)
     except OSError as err:
@@ -850,11 +856,17 @@ _CARD_RESULTS = ("hidden_relative_error", "cosine_mean", "cosine_min", "perplexi
                  "parameters_after")
 
 
+def check_dataset_id(dataset_id: str | None) -> str | None:
+    """A `--dataset-id` must be a Hub dataset id (org/name): the card's model-index links it."""
+    if dataset_id is not None and (_is_path_like(dataset_id) or not _REPO_ID.match(dataset_id) or "/" not in dataset_id):
+        raise HubError(f"--dataset-id {dataset_id!r} is not a Hub dataset id: give its org/name")
+    return dataset_id
+
+
 def fidelity_record(report: dict, *, compared_with: str, text: str, dataset_id: str | None = None) -> dict:
     """What `evaluate --card` stores in config.json's `mlpfusion.fidelity`: the report's figures without
     its timings (machine-dependent: a card must not change when nothing but the machine did)."""
-    if dataset_id is not None and (_is_path_like(dataset_id) or not _REPO_ID.match(dataset_id) or "/" not in dataset_id):
-        raise HubError(f"--dataset-id {dataset_id!r} is not a Hub dataset id: give its org/name")
+    check_dataset_id(dataset_id)
     return {
         "compared_with": compared_with,
         "text": text,

@@ -244,3 +244,13 @@ def test_push_fills_the_repo_id_into_the_card(src, hub, tmp_path):
     # a later re-render (a re-save into the folder, evaluate --card) keeps naming the repo
     write_model_card(out)
     assert (out / "README.md").read_text() == card
+
+
+def test_a_card_for_a_checkpoint_of_release_0_1_0_invents_no_hub_link():
+    """0.1.0 recorded the source as given ("tiny/gpt2", a relative folder) and nothing about its kind."""
+    folder = Path(__file__).parent / "fixtures" / "v0_1_0" / "gpt2"
+    config = json.loads((folder / "config.json").read_text())
+    assert config["mlpfusion"]["source_model"] == "tiny/gpt2" and "base_model" not in config["mlpfusion"]
+    card = str(render_model_card(config))
+    assert "base_model:" not in card and "huggingface.co/tiny" not in card
+    assert "`tiny/gpt2` (as hf-mlpfusion 0.1.0 recorded it; whether that is a Hub id was not recorded)" in card

@@ -271,7 +271,7 @@ def test_model_card_for_a_local_source_has_no_base_model(tmp_path):
     assert data.base_model is None and data.pipeline_tag == "fill-mask"
     assert 'AutoModel.from_pretrained("my-org/x", trust_remote_code=True)' in text
     assert "stock" not in text
-    assert str(tmp_path) not in text and "`local` (a local folder" in text  # the path by its last part only
+    assert str(tmp_path) not in text and "`local` (as hf-mlpfusion 0.1.0 recorded it" in text  # by its last part only
 
 
 @pytest.mark.parametrize("arch,tag", [

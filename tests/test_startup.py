@@ -84,7 +84,6 @@ def fused_dir(tmp_path_factory, one_thread):
 
 
 ORDERS = {
-    "package first": "import hf_mlpfusion; import transformers; m = transformers.AutoModelForMaskedLM.from_pretrained(D)",
     "transformers first": "import transformers; from transformers import AutoModelForMaskedLM; import hf_mlpfusion; "
                           "m = AutoModelForMaskedLM.from_pretrained(D)",
     "config and tokenizer only": "import hf_mlpfusion; from transformers import AutoConfig, AutoTokenizer; "
@@ -94,7 +93,7 @@ ORDERS = {
                            "from transformers import AutoModel; m = AutoModel.from_pretrained(D)",
     "the library first": "import hf_mlpfusion; from hf_mlpfusion import fuse, FusionConfig; "
                          "from transformers import AutoModelForMaskedLM; m = AutoModelForMaskedLM.from_pretrained(D)",
-    "the CLI, then a pipeline": "import hf_mlpfusion.cli.main, transformers; "
+    "package (its CLI) first, then a pipeline": "import hf_mlpfusion.cli.main, transformers; "
                                 "m = transformers.pipeline('fill-mask', model=D).model",
 }
 

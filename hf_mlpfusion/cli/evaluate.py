@@ -64,9 +64,9 @@ def evaluate(
         raise InvalidConfigError("--dataset-id names where --text or --csv came from; the built-in text is no Hub dataset")
     target = _card_target(fused) if card else None
     if card:
-        from hf_mlpfusion.hub import fidelity_record
+        from hf_mlpfusion.hub import check_dataset_id
 
-        fidelity_record({}, compared_with="", text="", dataset_id=dataset_id)  # a bad --dataset-id fails before the work
+        check_dataset_id(dataset_id)  # before the work
 
     from hf_mlpfusion.compress import resolve_source
     from hf_mlpfusion.data import load_labelled_csv, load_texts
