@@ -811,7 +811,13 @@ def card_save_hook(folder: Path, model) -> None:
         origin = Path(str(loaded_from))
         if origin.resolve() == folder.resolve():
             origin = None
-    write_model_card(folder, source_dir=origin)
+    try:
+        write_model_card(folder, source_dir=origin)
+    except Exception as err:  # noqa: BLE001 - the weights are saved; a card that cannot be written must not undo that
+        import warnings
+
+        warnings.warn(f"the model was saved to {folder}, but hf-mlpfusion could not write its model card ({err})",
+                      RuntimeWarning, stacklevel=2)
 
 
 def refresh_card(folder: str | os.PathLike, repo_id: str) -> bool:

@@ -240,3 +240,17 @@ def test_push_to_hub_publishes_what_mlpfusion_push_publishes(saved, hub, tmp_pat
                              str(Path(__file__).parent), env=env))
     module, diff = report["hub"]
     assert module.startswith("transformers_modules.") and diff < 1e-5
+
+
+def test_a_card_that_cannot_be_written_does_not_fail_the_save(saved, tmp_path, monkeypatch):
+    import hf_mlpfusion.hub as hub
+
+    def broken(*args, **kwargs):
+        raise ValueError("no template")
+
+    monkeypatch.setattr(hub, "write_model_card", broken)
+    fused = transformers.AutoModelForMaskedLM.from_pretrained(saved["folders"]["fuse-bert"][0])
+    with pytest.warns(RuntimeWarning, match="could not write its model card"):
+        fused.save_pretrained(tmp_path / "out")
+    assert {"config.json", "model.safetensors", *BUNDLE} <= {p.name for p in (tmp_path / "out").iterdir()}
+    assert not (tmp_path / "out" / "README.md").exists()

@@ -25,6 +25,7 @@ from .modeling_mlpfusion import (
 )
 
 HERE = Path(__file__).resolve().parent
+_REGISTERED: set[str] = set()  # the pieces registered: "configs", "tokenizers", "models"
 
 
 def _card_hook(folder, model) -> None:  # every save of a fused model: the package's model card
@@ -43,7 +44,6 @@ if _card_hook not in SAVE_HOOKS:
     SAVE_HOOKS.append(_card_hook)
 if _push_hook not in PUSH_HOOKS:
     PUSH_HOOKS.append(_push_hook)
-_REGISTERED: set[str] = set()
 
 
 def _fused_types():
@@ -107,6 +107,6 @@ def register() -> None:
     register_models()
 
 
-__all__ = ["BUNDLE_FILES", "HERE", "PUSH_HOOKS", "SAVE_HOOKS", "CountScaledActivation", "config_class_for", "fused_model_type",
-           "model_class_for", "register", "register_configs", "register_models",
+__all__ = ["BUNDLE_FILES", "HERE", "PUSH_HOOKS", "SAVE_HOOKS", "CountScaledActivation", "config_class_for",
+           "fused_model_type", "model_class_for", "register", "register_configs", "register_models",
            "register_tokenizers", "stock_model_type", "write_bundle", "_configuration", "_modeling"]
