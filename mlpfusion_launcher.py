@@ -1,8 +1,8 @@
 """Entry point of the `mlpfusion` command.
 
-It lives outside the `hf_mlpfusion` package on purpose: importing the package imports torch and
-transformers, which takes a few seconds, and a Ctrl-C (or SIGTERM) in those seconds would otherwise
-print a long traceback from inside an import. Here the signal handlers are in place before that
+It lives outside the `hf_mlpfusion` package on purpose: the signal handlers are in place before
+anything of the package or its libraries is imported, and a Ctrl-C (or SIGTERM) while they import
+would otherwise print a long traceback from inside an import. Here the signal handlers are in place before that
 import, and an interrupt during it ends like one at any later stage: one line, exit 128 + signal.
 """
 
@@ -27,6 +27,11 @@ def _stop(signum, frame):
 def main() -> None:
     for sig in _SIGNALS:
         signal.signal(sig, _stop)
+    if sys.argv[1:] == ["--version"]:  # the fast path: no Typer, no rich, no torch
+        from hf_mlpfusion import __version__
+
+        print(f"hf-mlpfusion {__version__}")
+        return
     try:
         from hf_mlpfusion.cli.common import run
         from hf_mlpfusion.cli.main import app

@@ -40,7 +40,8 @@ from hf_mlpfusion.compress import default_model_path  # noqa: E402
 from hf_mlpfusion.evaluate import evaluate  # noqa: E402
 from hf_mlpfusion.text import heldout_texts, list_sources, load_calibration  # noqa: E402
 
-HELD = 128  # held-out samples per source
+HELD = 128  # held-out samples per source (--held)
+SAMPLES = 256  # calibration samples of the SmolLM2 grid (--samples)
 MIX = [s.name for s in list_sources() if s.vendored]
 
 
@@ -78,11 +79,11 @@ def load(name: str):
     return cls.from_pretrained(path).eval(), transformers.AutoTokenizer.from_pretrained(path), path
 
 
-def held_out() -> dict[str, list[str]]:
-    return heldout_texts("builtin:all", limit=HELD)
+def held_out(spec: str = "builtin:all") -> dict[str, list[str]]:
+    return heldout_texts(spec, limit=HELD)
 
 
-def score(report, model_name: str, baseline: dict | None, domain: str) -> float:
+def score(report, model_name: str) -> float:
     if model_name == "minilm":
         return report.cosine_mean
     return report.perplexity_after / report.perplexity_before
@@ -120,13 +121,14 @@ def run_setting(model, tok, model_name: str, setting: dict, held: dict[str, list
     scores = {}
     for domain, texts in held.items():
         r = evaluate(model, fused, texts, tok, ntk_examples=0, latency_repeats=0)
-        scores[domain] = score(r, model_name, None, domain)
+        scores[domain] = score(r, model_name)
     return {"scores": scores, "seconds": t, "widths": fused.config.intermediate_sizes
             if hasattr(fused.config, "intermediate_sizes") else None}
 
 
-def key(model_name: str, setting: dict) -> str:
-    return json.dumps({"model": model_name, **setting, "code": code_fingerprint()}, sort_keys=True)
+def key(model_name: str, setting: dict, domains: list[str]) -> str:
+    return json.dumps({"model": model_name, **setting, "held": HELD, "domains": domains, "code": code_fingerprint()},
+                      sort_keys=True)
 
 
 def cached() -> dict[str, dict]:
@@ -151,6 +153,17 @@ def grid(model_name: str, name: str, n_layers: int) -> list[dict]:
                     out.append({"method": method, "layers": layers, "ratio": ratio, "calibration": "builtin"})
                     out.append({"method": method, "layers": layers, "ratio": ratio, "calibration": "builtin",
                                 "allocate": True, "multiple": 8})
+    elif name == "smollm2":  # the SmolLM2 grid: fewer calibrated rows (each takes minutes on 2 cores)
+        for ratio in ratios:
+            for layers in (all_layers, middle):
+                for method in ("fusion", "prune"):
+                    out.append({"method": method, "layers": layers, "ratio": ratio, "calibration": None})
+                    out.append({"method": method, "layers": layers, "ratio": ratio, "calibration": "builtin",
+                                "samples": SAMPLES})
+        out.append({"method": "fusion", "layers": all_layers, "ratio": 0.5, "calibration": "builtin",
+                    "samples": SAMPLES, "allocate": True, "multiple": 64})
+        out.append({"method": "prune", "layers": all_layers, "ratio": 0.5, "calibration": "builtin",
+                    "samples": SAMPLES, "allocate": True, "multiple": 64})
     elif name == "matrix":
         for method in ("fusion", "prune"):
             for src in MIX:
@@ -210,11 +223,15 @@ def main() -> None:
     ap.add_argument("--grid", default="default")
     ap.add_argument("--timing", action="store_true")
     ap.add_argument("--only", type=int, nargs="*", help="run only these rows of the grid (0-based)")
+    ap.add_argument("--held", type=int, default=HELD, help="held-out samples per source")
+    ap.add_argument("--domains", default="builtin:all", help="held-out sources, as a built-in spec")
+    ap.add_argument("--samples", type=int, default=SAMPLES, help="calibration samples of the SmolLM2 grid")
     args = ap.parse_args()
+    globals().update(HELD=args.held, SAMPLES=args.samples)
     if args.timing:
         return timing(args.model)
     model, tok, _ = load(args.model)
-    held = held_out()
+    held = held_out(args.domains)
     settings = grid(args.model, args.grid, model.config.num_hidden_layers)
     if args.only:
         settings = [settings[i] for i in args.only]
@@ -222,7 +239,7 @@ def main() -> None:
     rows = []
     print(f"machine: {machine()}, {time.strftime('%Y-%m-%d')}", file=sys.stderr)
     for s in settings:
-        k = key(args.model, s)
+        k = key(args.model, s, list(held))
         if k not in done:
             print(f"running {label(s)}", file=sys.stderr, flush=True)
             r = run_setting(model, tok, args.model, s, held)

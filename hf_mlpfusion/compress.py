@@ -123,12 +123,20 @@ def local_source(model_id: str | None) -> Path | None:
 
 
 def resolve_source(model_id: str | None, *, revision: str | None = None, token: str | None = None,
-                   allow_pickle: bool = False) -> Path:
-    """A local folder holding the checkpoint: the folder itself, or a Hub snapshot of the id."""
+                   allow_pickle: bool = False, bare_is_folder: bool = False) -> Path:
+    """A local folder holding the checkpoint: the folder itself, or a Hub snapshot of the id. With
+    `bare_is_folder`, a bare name (no org) the Hub cannot answer for is reported as a missing folder."""
     path = local_source(model_id)
     if path is not None:
         return path
-    return _download(str(model_id), revision=revision, token=token, allow_pickle=allow_pickle)
+    try:
+        return _download(str(model_id), revision=revision, token=token, allow_pickle=allow_pickle)
+    except NetworkError:
+        if "/" in str(model_id) or not bare_is_folder:
+            raise
+        # a bare name (a legacy Hub id like "gpt2", or more likely a mistyped folder) that the Hub cannot answer for
+        raise ModelNotFoundError(f"no such folder: {model_id} (and the Hub, where it would be a model id, "
+                                 "is unreachable): check the name, or give a path or org/name") from None
 
 
 def _download(repo_id: str, *, revision, token, allow_pickle) -> Path:
@@ -426,7 +434,7 @@ def compress(model_id: str | None = None, config: FusionConfig | None = None, ou
              calibration: str | Path | None = None, distill_steps: int = 0,
              calibration_samples: int = 1024, data_aware: bool | None = None,
              repo_id: str | None = None, calibration_column: str | None = None,
-             allocate: bool = False) -> CompressResult:
+             allocate: bool = False, base_model: str | None = None) -> CompressResult:
     """Fuse a checkpoint (folder or Hub id; None = the built-in MiniLM) and save it to `output`.
 
     `calibration` ("builtin" for the built-in multi-domain mix, a spec such as "builtin:-bible", or
@@ -439,6 +447,7 @@ def compress(model_id: str | None = None, config: FusionConfig | None = None, ou
     `repo_id` is the Hub repo the result is meant for (used in the model card's loading snippets).
     `allocate` chooses each fused layer's width from its measured cost on the calibration text, under
     the budget the ratio sets for all of them (`hf_mlpfusion.allocate`).
+    `base_model` is the Hub id of a local source (the card's `base_model`); a Hub id source is its own.
     """
     config = config or FusionConfig()
     say = progress or (lambda msg: None)
@@ -448,6 +457,9 @@ def compress(model_id: str | None = None, config: FusionConfig | None = None, ou
                                calibration_samples=calibration_samples, data_aware=data_aware)
     if allocate and calibration is None:
         raise InvalidConfigError("--allocate measures each layer on calibration text: add --calibration builtin (or a file)")
+    from .hub import check_base_model
+
+    base_model = check_base_model(base_model)
     # 2. the output and the source, before anything heavy: the source is never replaced
     gguf = gguf_file(model_id) if model_id is not None and Path(model_id).expanduser().exists() else None
     source_dir = local_source(model_id) if gguf is None else None
@@ -511,12 +523,17 @@ def compress(model_id: str | None = None, config: FusionConfig | None = None, ou
                  precomputed=allocation.reductions if allocation is not None else None)
     if allocation is not None:
         fused.config.mlpfusion["allocation"] = allocation.summary()
+    if base_model is not None:
+        fused.config.mlpfusion["base_model"] = base_model
     seconds["fuse"] = time.perf_counter() - t0
     check_interrupted()
 
     if texts is not None:
         t0 = time.perf_counter()
         _calibrate(model, fused, texts, tokenizer, calibration is not None, distill_steps, config.seed, say)
+        # which text, for the card: "builtin" or the file's name (never its path)
+        fused.config.mlpfusion["calibration"]["text"] = "builtin" if calibration in (None, "builtin") \
+            else Path(calibration).name
         seconds["calibrate"] = time.perf_counter() - t0
 
     checks.check_finite(fused, str(source_dir), fused=True)

@@ -53,7 +53,7 @@ class UnsafeCheckpointError(MLPFusionError):
 
 
 class NetworkError(MLPFusionError):
-    """The Hub (or another endpoint) could not be reached."""
+    """The Hub (or another endpoint) could not be reached: exit code 4, for downloads and uploads alike."""
 
     exit_code = EXIT_NETWORK
 

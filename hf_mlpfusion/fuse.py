@@ -22,6 +22,7 @@ from .core.metric import DataMetric, stack_metrics
 from .core.mlp import MLPTensors, scale_output, stack
 from .errors import InvalidConfigError, UnsupportedArchitectureError
 from .families import Family, family_for, fused_model_type, head_name, stock_type
+from .hub import source_identity
 from .methods import DATA_AWARE_METHODS, METHODS, Reduction
 
 Progress = Callable[[str], None]
@@ -91,7 +92,8 @@ def fuse(model: PreTrainedModel, config: FusionConfig | None = None, *, source: 
          precomputed: dict[tuple[int, int], Reduction] | None = None) -> PreTrainedModel:
     """Return a fused copy of `model` (the input is left untouched).
 
-    `source` is recorded in the metadata as the source model (defaults to the model's name_or_path).
+    `source` is recorded in the metadata as the source model (defaults to the model's name_or_path): a
+    local folder by its folder name, a Hub id as itself and as `base_model` (see `hub.source_identity`).
     `metrics` (layer -> `DataMetric`, from `hf_mlpfusion.calibrate.data_metrics`) makes the
     clustering data-aware; only the clustering methods (fusion, cluster) take it.
     `precomputed` ((layer, width) -> `Reduction`, e.g. `allocate(...).reductions`) are reductions made
@@ -125,6 +127,9 @@ def fuse(model: PreTrainedModel, config: FusionConfig | None = None, *, source: 
     widths_after = [new_width.get(i, w) for i, w in enumerate(widths_before)]
     count_layers = [i for i in layers if reduced[i].counts is not None]
     stock = not count_layers and len(set(widths_after)) == 1
+    # a local folder by its name only (no absolute path in the output); a Hub id is also the base model
+    source_model, base_model = source_identity(source if source is not None
+                                               else getattr(model.config, "_name_or_path", ""))
     meta = {
         "method": config.method,
         "ratio": config.ratio,
@@ -136,7 +141,8 @@ def fuse(model: PreTrainedModel, config: FusionConfig | None = None, *, source: 
         "kmeans": _resolved_kmeans_options(config) if config.method in DATA_AWARE_METHODS else None,
         "clustering": (("data-aware" if metrics is not None else "data-free")
                        if config.method in DATA_AWARE_METHODS else None),
-        "source_model": source if source is not None else str(getattr(model.config, "_name_or_path", "") or ""),
+        "source_model": source_model,
+        "base_model": base_model,
         "library_version": __version__,
         "widths_before": widths_before,
         "widths_after": widths_after,

@@ -24,6 +24,7 @@ MLPFUSION_META = {
     "layers": [0, 1],
     "seed": 0,
     "source_model": "sentence-transformers/all-MiniLM-L6-v2",
+    "base_model": "sentence-transformers/all-MiniLM-L6-v2",
     "library_version": "0.1.0",
     "fold_scale": True,
     "widths_before": [64, 64],

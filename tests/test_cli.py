@@ -125,7 +125,8 @@ def test_missing_model_and_unsupported_architecture(tmp_path):
 
 def test_hub_id_without_network_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
-    assert_one_line_error(run("compress", "some-org/some-model", "-o", tmp_path / "o"), "could not download", "network", code=4)
+    assert_one_line_error(run("compress", "some-org/some-model", "-o", tmp_path / "o"), "could not download", "network",
+                          code=4)  # the network exit code, as for uploads
 
 
 def test_corrupt_truncated_and_pickled_weights(bert_dir, tmp_path):

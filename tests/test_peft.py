@@ -3,7 +3,6 @@ own module between the activation and the output projection, and every projectio
 nn.Linear / Conv1D that PEFT knows."""
 
 import pytest
-import torch
 from peft import LoraConfig, get_peft_model
 
 import tiny

@@ -80,8 +80,8 @@ def test_push_creates_repo_with_regular_and_lfs_files_then_repush_is_a_noop(hub,
 
     # same model, settings and seed -> byte-identical files -> still no new commit
     rebuilt = make_checkpoint(tiny_checkpoint.parent / "rebuilt", with_card=True)
-    assert snapshot(rebuilt) == snapshot(tiny_checkpoint)
     assert not push_folder(rebuilt, REPO, token=WRITE_TOKEN, endpoint=hub.url).changed and commits(hub) == n
+    assert snapshot(rebuilt) == snapshot(tiny_checkpoint)  # push filled the same repo id into both cards
 
     # a different seed changes the weights: one new commit, only the changed file is sent
     other = make_checkpoint(tiny_checkpoint.parent / "seed1", seed=1, with_card=True)
@@ -169,7 +169,7 @@ def test_server_down_is_a_clear_network_error_and_keeps_the_folder(hub_env, tiny
     with pytest.raises(HubNetworkError) as err:
         push_folder(tiny_checkpoint, REPO, token=WRITE_TOKEN, endpoint=url, retries=3, backoff=0.5)
     message = str(err.value)
-    assert f"mlpfusion push {tiny_checkpoint} {REPO}" in message and "kept" in message and "\n" not in message
+    assert f"mlpfusion push {REPO} {tiny_checkpoint}" in message and "kept" in message and "\n" not in message
     assert err.value.exit_code == 4
     assert no_sleep == [0.5, 1.0, 2.0]  # exponential back-off between the 4 attempts
     assert snapshot(tiny_checkpoint) == before
@@ -201,21 +201,21 @@ def cli_app() -> typer.Typer:
 
 def test_cli_push_exit_codes_and_output(hub, tiny_checkpoint, no_sleep):
     runner, app = CliRunner(), cli_app()
-    args = ["push", str(tiny_checkpoint), REPO, "--endpoint", hub.url, "--token", WRITE_TOKEN]
+    args = ["push", REPO, str(tiny_checkpoint), "--endpoint", hub.url, "--token", WRITE_TOKEN]
     ok = runner.invoke(app, args)
     assert ok.exit_code == 0, ok.output
     assert ok.stdout.strip().startswith(f"{hub.url}/{REPO}/commit/")
     again = runner.invoke(app, args + ["--commit-message", "again"])
     assert again.exit_code == 0 and again.stdout.startswith("no changes; already up to date:")
 
-    bad = runner.invoke(app, ["push", str(tiny_checkpoint), REPO, "--endpoint", hub.url, "--token", "hf_wrong"])
+    bad = runner.invoke(app, ["push", REPO, str(tiny_checkpoint), "--endpoint", hub.url, "--token", "hf_wrong"])
     assert bad.exit_code == 3 and bad.stdout == "" and len(bad.stderr.strip().splitlines()) == 1
     assert "Traceback" not in bad.stderr
 
     down = HubServer().start()
     down_url = down.url
     down.stop()
-    offline = runner.invoke(app, ["push", str(tiny_checkpoint), REPO, "--endpoint", down_url, "--token", WRITE_TOKEN])
+    offline = runner.invoke(app, ["push", REPO, str(tiny_checkpoint), "--endpoint", down_url, "--token", WRITE_TOKEN])
     assert offline.exit_code == 4 and "mlpfusion push" in offline.stderr
 
     write_model_card(tiny_checkpoint, fidelity={"cosine": 0.99})
@@ -226,7 +226,7 @@ def test_cli_push_exit_codes_and_output(hub, tiny_checkpoint, no_sleep):
 def test_cli_uses_hf_token_from_the_environment(hub, tiny_checkpoint, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", WRITE_TOKEN)
     monkeypatch.setenv("HF_ENDPOINT", hub.url)
-    result = CliRunner().invoke(cli_app(), ["push", str(tiny_checkpoint), REPO])
+    result = CliRunner().invoke(cli_app(), ["push", REPO, str(tiny_checkpoint)])
     assert result.exit_code == 0 and REPO in result.stdout
 
 
@@ -252,15 +252,17 @@ def test_model_card_is_deterministic_and_carries_source_metadata(tmp_path):
     assert "| Parameters before | 30,000 |" in text and "| 1 | 64 | 32 | 2.5 |" in text
     assert "output_relative_error" in text
 
-    plain = write_model_card(folder).read_text()  # no source card, no fidelity
+    # a fresh folder: no source card, no fidelity (the first folder keeps both: they are in its config and card)
+    plain = write_model_card(make_checkpoint(tmp_path / "b")).read_text()
     assert "## Fidelity" not in plain and "license:" not in plain
-    assert ModelCard.load(folder / "README.md").data.pipeline_tag == "feature-extraction"
+    assert ModelCard.load(tmp_path / "b" / "README.md").data.pipeline_tag == "feature-extraction"
 
 
 def test_model_card_for_a_local_source_has_no_base_model(tmp_path):
     folder = make_checkpoint(tmp_path / "a")
     config = json.loads((folder / "config.json").read_text())
-    config["mlpfusion"]["source_model"] = str(tmp_path / "some" / "local")
+    config["mlpfusion"]["source_model"] = str(tmp_path / "some" / "local")  # as configs before 0.2 recorded it
+    del config["mlpfusion"]["base_model"]  # which had no base_model entry
     config["architectures"] = ["MLPFusionRobertaForMaskedLM"]
     config["model_type"] = "mlpfusion_roberta"
     (folder / "config.json").write_text(json.dumps(config))
@@ -269,6 +271,7 @@ def test_model_card_for_a_local_source_has_no_base_model(tmp_path):
     assert data.base_model is None and data.pipeline_tag == "fill-mask"
     assert 'AutoModel.from_pretrained("my-org/x", trust_remote_code=True)' in text
     assert "stock" not in text
+    assert str(tmp_path) not in text and "`local` (as hf-mlpfusion 0.1.0 recorded it" in text  # by its last part only
 
 
 @pytest.mark.parametrize("arch,tag", [

@@ -299,7 +299,8 @@ def test_card_of_a_sentence_transformers_output(pairs):
     text = (pairs["mean"][1] / "README.md").read_text()
     head = text.split("---")[1]
     assert "library_name: sentence-transformers" in head and "pipeline_tag: sentence-similarity" in head
-    assert "from sentence_transformers import SentenceTransformer" in text and "<!--" not in text
+    assert "from sentence_transformers import SentenceTransformer" in text and "<!-- sentence-transformers" not in text
+    assert "/sentence-transformers -->" not in text  # the template's block markers are gone (the card's own marker stays)
     assert 'SentenceTransformer("your-namespace/' in text
     # the snippet runs, on the output folder in place of the Hub id
     blocks = [b for b in re.findall(r"```python\n(.*?)```", text, re.S) if "SentenceTransformer" in b]
@@ -315,7 +316,8 @@ def test_a_plain_source_stays_plain(tmp_path):
     out = compress(str(tmp_path / "src"), FusionConfig(ratio=0.5), tmp_path / "out").output
     assert not any((out / name).exists() for name in ("modules.json", "1_Pooling", "sentence_bert_config.json"))
     text = (out / "README.md").read_text()
-    assert "library_name: transformers" in text and "SentenceTransformer" not in text and "<!--" not in text
+    assert "library_name: transformers" in text and "SentenceTransformer" not in text
+    assert "<!-- sentence-transformers" not in text and "/sentence-transformers -->" not in text
     assert stf.pooling_for(tmp_path / "src", out) is None
 
 

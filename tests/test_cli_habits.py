@@ -1,0 +1,161 @@
+"""CLI habits: -h/--help and --version everywhere, flags shown as flags, one-line usage errors, push in
+`hf upload`'s order, --json and -q, Hub ids wherever a model is named, one network exit code."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from huggingface_hub import HfApi
+from typer.testing import CliRunner
+
+import hf_mlpfusion
+import tiny
+from hf_mlpfusion.cli.main import app
+from hf_mlpfusion.hub import push_folder
+from hub_fixtures import WRITE_TOKEN, hub, hub_env  # noqa: F401  (fixtures)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+COMMANDS = ("compress", "push", "info", "evaluate")
+
+
+def run(*args, **kw):
+    return CliRunner().invoke(app, [str(a) for a in args], **kw)
+
+
+def one_error_line(result, *needles, code=1):
+    assert result.exit_code == code, (result.exit_code, result.output)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.output and result.stdout == ""
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("habits")
+    src = root / "tiny-bert"
+    tiny.model("bert", "BertForMaskedLM").save_pretrained(src)
+    (src / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "a", "is"]) + "\n")
+    fused = root / "fused"
+    assert run("compress", src, "--ratio", "0.5", "-o", fused, "-q").exit_code == 0
+    return src, fused
+
+
+@pytest.mark.parametrize("command", ("", *COMMANDS))
+def test_help_and_version_everywhere(command):
+    args = [command] if command else []
+    for h in ("-h", "--help"):
+        result = run(*args, h, env={"COLUMNS": "200"})
+        assert result.exit_code == 0 and "Usage: mlpfusion" in result.stdout, result.output
+        assert "<bool>" not in result.stdout  # flags are shown as flags
+    version = run(*args, "--version")
+    assert version.exit_code == 0 and version.stdout == f"hf-mlpfusion {hf_mlpfusion.__version__}\n"
+
+
+def test_flags_take_no_value(folders, tmp_path):
+    src, _ = folders
+    help_text = run("compress", "-h", env={"COLUMNS": "200"}).stdout
+    for name in ("--overwrite", "--fold-scale", "--allow-pickle", "--private", "--create-pr", "--json", "--quiet"):
+        line = next(line for line in help_text.splitlines() if name in line)
+        assert "<" not in line.split(name, 1)[1].split("  ")[0], line
+    one_error_line(run("compress", src, "--overwrite", "true"), "flags take no value", "--overwrite", code=2)
+    one_error_line(run("compress", "--overwrite", "true", "-o", tmp_path / "o"), "flags take no value")
+    assert not (tmp_path / "o").exists()
+
+
+def test_usage_errors_are_one_line(folders):
+    src, _ = folders
+    one_error_line(run("push"), "Missing argument 'REPO_ID'", "mlpfusion push -h", code=2)
+    one_error_line(run("compress", src, "--no-such-option"), "No such option", code=2)
+    one_error_line(run("info", src, "--ratio", "x"), "No such option", code=2)
+    one_error_line(run("compress", src, "--ratio", "many"), "Invalid value for '--ratio'", code=2)
+    no_command = run("no-such-command")
+    assert no_command.exit_code == 2 and len(no_command.stderr.strip().splitlines()) == 1
+
+
+def test_push_takes_the_repo_first_and_hints_when_swapped(folders, hub, tmp_path, monkeypatch):
+    _, fused = folders
+    repo = "my-org/habits"
+    line = one_error_line(run("push", fused, repo, "--endpoint", hub.url, "--token", WRITE_TOKEN), "swapped")
+    assert f"mlpfusion push {repo} {fused}" in line
+    one_error_line(run("push", fused, "--endpoint", hub.url, "--token", WRITE_TOKEN), "is a folder, not a repo id")
+    assert hub.state.repos == {}  # nothing was published by the mistakes
+    monkeypatch.chdir(fused)  # FOLDER defaults to the current folder, as in `hf upload`
+    result = run("push", repo, "--endpoint", hub.url, "--token", WRITE_TOKEN, "--json")
+    assert result.exit_code == 0, result.output
+    pushed = json.loads(result.stdout)
+    assert pushed["changed"] and pushed["repo_id"] == repo and pushed["folder"] == "."
+    assert pushed["url"].startswith(f"{hub.url}/{repo}/commit/") and pushed["pr_url"] is None
+    assert "model.safetensors" in HfApi(endpoint=hub.url, token=WRITE_TOKEN).list_repo_files(repo)
+    again = run("push", repo, ".", "--endpoint", hub.url, "--token", WRITE_TOKEN, "-q")
+    assert again.exit_code == 0 and again.stdout.startswith("no changes; already up to date: ") and again.stderr == ""
+
+
+def test_compress_json_and_quiet(folders, tmp_path):
+    src, _ = folders
+    result = run("compress", src, "--ratio", "0.25", "--layers", "1", "-o", tmp_path / "j", "--json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)  # the whole of stdout is one JSON object
+    assert summary["output"] == str(tmp_path / "j") and summary["source_model"] == "tiny-bert"
+    assert summary["widths_after"] == [64, 16, 64] and summary["layers"] == [1] and summary["push"] is None
+    assert summary["parameters_after"] < summary["parameters_before"] and 0 < summary["mlp_flops_ratio"] < 1
+    assert set(summary["seconds"]) >= {"load", "fuse", "save"}
+    quiet = run("compress", src, "--ratio", "0.25", "-o", tmp_path / "q", "-q")
+    assert quiet.exit_code == 0 and quiet.stdout == f"{tmp_path / 'q'}\n" and quiet.stderr == ""
+
+
+def test_info_json_and_evaluate_json_quiet(folders):
+    src, fused = folders
+    info = run("info", fused, "--json")
+    assert info.exit_code == 0, info.output
+    data = json.loads(info.stdout)
+    assert data["model_type"] == "mlpfusion_bert" and data["custom_classes"] is True
+    assert data["mlpfusion"]["widths_after"] == [32, 32, 32] and "trust_remote_code=True" in data["load"]
+    ev = run("evaluate", src, fused, "-n", 3, "--ntk-examples", 0, "--json", "-q")
+    assert ev.exit_code == 0, ev.output
+    report = json.loads(ev.stdout)
+    assert report["samples"] == 3 and report["original"] == str(src) and ev.stderr == ""
+
+
+def test_hub_ids_for_info_and_evaluate(folders, hub, tmp_path):
+    src, fused = folders
+    push_folder(src, "my-org/tiny-bert", token=WRITE_TOKEN, endpoint=hub.url)
+    push_folder(fused, "my-org/tiny-bert-fused", token=WRITE_TOKEN, endpoint=hub.url)
+    env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_TOKEN": WRITE_TOKEN, "HF_HOME": str(tmp_path / "home"),
+           "HF_HUB_DISABLE_XET": "1", "OMP_NUM_THREADS": "1"}
+    cli = [sys.executable, "-m", "hf_mlpfusion.cli.main"]
+    info = subprocess.run([*cli, "info", "my-org/tiny-bert-fused", "--json", "-q"], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert info.returncode == 0, info.stderr[-2000:]
+    assert json.loads(info.stdout)["mlpfusion"]["source_model"] == "tiny-bert" and info.stderr == ""
+    ev = subprocess.run([*cli, "evaluate", "my-org/tiny-bert", "my-org/tiny-bert-fused", "-n", "3", "--ntk-examples", "0",
+                         "--json"], env=env, capture_output=True, text=True, timeout=600)
+    assert ev.returncode == 0, ev.stderr[-2000:]
+    report = json.loads(ev.stdout)
+    assert report["original"] == "my-org/tiny-bert" and report["fused"] == "my-org/tiny-bert-fused"
+    assert report["parameters_after"] < report["parameters_before"]
+    missing = subprocess.run([*cli, "info", "my-org/nothing-here"], env=env, capture_output=True, text=True, timeout=300)
+    assert missing.returncode == 1 and missing.stderr.startswith("error: model my-org/nothing-here not found")
+
+
+def test_one_network_exit_code_for_downloads_and_uploads(folders, hub_env, tmp_path, monkeypatch):
+    from hub_server import HubServer
+
+    src, fused = folders
+    down = HubServer().start()
+    url = down.url
+    down.stop()
+    monkeypatch.setattr("hf_mlpfusion.hub.time.sleep", lambda s: None)
+    one_error_line(run("push", "my-org/x", fused, "--endpoint", url, "--token", WRITE_TOKEN), "cannot reach the Hub",
+                   code=4)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    one_error_line(run("compress", "some-org/some-model", "-o", tmp_path / "o"), "could not download", code=4)
+    one_error_line(run("info", "some-org/some-model"), "could not download", code=4)
+    one_error_line(run("evaluate", "some-org/a", fused), "could not download", code=4)
