@@ -678,6 +678,10 @@ def render_model_card(config: dict, *, source_meta: dict | None = None, fidelity
     if cal:
         rows.append(("Calibration", f"refit: {_fmt(cal.get('refit'))}, distillation steps: {_fmt(cal.get('distill_steps'))}, "
                                     f"{_fmt(cal.get('samples'))} samples, token weighting: {_fmt(cal.get('weighting', 'uniform'))}"))
+    alloc = meta.get("allocation")
+    if alloc:
+        rows.append(("Width allocation", f"per layer, from each layer's measured refit error at candidate widths: "
+                                         f"{_fmt(alloc.get('total'))} of a budget of {_fmt(alloc.get('budget'))} neurons"))
     summary_rows = "\n".join(f"| {k} | {v} |" for k, v in rows)
 
     layers = list(meta.get("layers") or [])

@@ -91,3 +91,19 @@ def test_compress_allocate_records_the_widths(tok, tmp_path):
         str(i): w for i, w in enumerate(meta["widths_after"])}
     with pytest.raises(InvalidConfigError, match="--allocate"):
         compress(str(src), FusionConfig(ratio=0.25), tmp_path / "out2", allocate=True)
+
+
+def test_info_and_card_show_the_allocation(tok, tmp_path):
+    from typer.testing import CliRunner
+
+    from hf_mlpfusion.cli.main import app
+
+    src = tmp_path / "src"
+    tiny.model("bert", "BertModel", layers=3).save_pretrained(src)
+    tok.save_pretrained(src)
+    res = compress(str(src), FusionConfig(ratio=0.25), tmp_path / "out", calibration="builtin", calibration_samples=16,
+                   allocate=True)
+    text = " ".join(CliRunner().invoke(app, ["info", str(res.output)]).output.split())
+    assert "chosen per layer from measured cost" in text and "a budget of 48" in text
+    card = (res.output / "README.md").read_text()
+    assert "| Width allocation | per layer" in card

@@ -74,6 +74,7 @@ def info(
         ("fused layers", ", ".join(map(str, meta.get("layers", [])))),
         ("widths before", " ".join(map(str, meta.get("widths_before", [])))),
         ("widths after", " ".join(map(str, meta.get("widths_after", [])))),
+        ("width allocation", _allocation(meta)),
         ("count vector", "folded into W2" if meta.get("fold_scale") else f"frozen buffer in layers {cfg.get('count_layers', [])}"),
         ("parameters", f"{meta.get('num_parameters_before', 0):,} -> {meta.get('num_parameters_after', 0):,}"),
         ("seed", str(meta.get("seed"))),
@@ -101,3 +102,11 @@ def _calibration(meta: dict) -> str:
     steps = [s for s, on in (("refit", cal.get("refit")), (f"{cal.get('distill_steps')} distillation steps",
                                                                cal.get("distill_steps"))) if on]
     return f"{' + '.join(steps) or 'none'} on {cal.get('samples')} samples ({cal.get('tokens', 0):,} tokens)"
+
+
+def _allocation(meta: dict) -> str:
+    alloc = meta.get("allocation")
+    if not alloc:
+        return "uniform (one width for every fused layer)"
+    return (f"chosen per layer from measured cost: {alloc.get('total')} of a budget of {alloc.get('budget')} neurons "
+            f"(summed refit error {alloc.get('error', 0):.4g}, uniform widths {alloc.get('error_uniform', 0):.4g})")
