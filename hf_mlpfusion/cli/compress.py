@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -39,24 +40,31 @@ def compress(
     create_pr: Annotated[bool, typer.Option("--create-pr", help="With --push-to-hub: open a pull request instead of committing to main.")] = False,
     commit_message: Annotated[Optional[str], typer.Option("--commit-message", help="With --push-to-hub: the commit message.", show_default=False)] = None,
     endpoint: Annotated[Optional[str], typer.Option("--endpoint", help="Hub endpoint (default: HF_ENDPOINT or huggingface.co).", show_default=False)] = None,
+    max_shard_size: Annotated[str, typer.Option("--max-shard-size", help="Largest weights file (5GB, 500MB, ...): bigger checkpoints are split into model-0000i-of-0000n.safetensors shards with an index, as save_pretrained does.")] = "5GB",
+    streaming: Annotated[Optional[bool], typer.Option("--streaming/--in-memory", help="Fuse a layer at a time, never holding the whole model (default: whenever it applies: data-free, safetensors that load as they are), or load the whole model. Same bytes either way. Under torchrun / accelerate launch the processes share the layers.", show_default=False)] = None,
 ) -> None:
     """Fuse the MLPs of a transformers checkpoint (BERT, RoBERTa, DistilBERT, GPT-2, Llama, Mistral, Qwen, ...) and save a smaller one."""
     from hf_mlpfusion.compress import compress as run_compress
+    from hf_mlpfusion.io import is_main_process
+
+    main = is_main_process()  # under torchrun every process runs this; only process 0 talks and publishes
 
     config = FusionConfig(ratio=ratio, intermediate_size=intermediate_size, layers=layers, seed=seed,
                           method=method, n_init=n_init, max_iter=max_iter, device=device, fold_scale=fold_scale)
-    if push_to_hub:
+    if push_to_hub and main:
         from hf_mlpfusion import hub
 
         user = hub.check_write_access(push_to_hub, token=token, endpoint=endpoint)  # fail fast, before minutes of work
         err_console.print(f"Hub: logged in as {user}, can write to {push_to_hub}")
 
-    with err_console.status("starting") as status:
+    with err_console.status("starting") if main else contextlib.nullcontext() as status:
         result = run_compress(model, config, output, overwrite=overwrite, allow_pickle=allow_pickle,
-                              revision=revision, token=token, progress=lambda msg: status.update(msg),
+                              revision=revision, token=token, progress=(lambda msg: status.update(msg)) if main else None,
                               calibration=calibration, distill_steps=distill_steps,
                               calibration_samples=calibration_samples, data_aware=data_aware,
-                              repo_id=push_to_hub)
+                              repo_id=push_to_hub, max_shard_size=max_shard_size, streaming=streaming)
+    if not main:
+        return
     print_summary(result)
 
     if push_to_hub:
