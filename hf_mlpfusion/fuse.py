@@ -53,8 +53,11 @@ def reduce_layers(weights: dict[int, MLPTensors], widths: dict[int, int], config
     device = resolve_device(config.device)
     out: dict[int, Reduction] = {}
     for (_, k), idx in sorted(groups.items()):
-        # stacked in the weights' dtype, then cast once: the same numbers as casting each layer, one copy fewer
-        mlps = stack([weights[i].map(lambda t: t.detach()) for i in idx]).map(lambda t: t.float())
+        # stacked in the weights' dtype, then cast once: the same numbers as casting each layer, fewer copies
+        # (none at all for one float32 layer: the methods never write into their input)
+        parts = [weights[i].map(lambda t: t.detach()) for i in idx]
+        mlps = (parts[0] if len(parts) == 1 else stack(parts)).map(lambda t: t.float())
+        del parts
         kwargs = dict(config.extra)
         if metrics is not None:
             kwargs["metric"] = stack_metrics([metrics[i] for i in idx])

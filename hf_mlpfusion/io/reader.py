@@ -70,7 +70,6 @@ class SafetensorsSource:
                 self.file_of[key] = name
         if weight_map is not None and weight_map != self.file_of:
             raise NotStreamable(f"{INDEX_NAME} does not list exactly the tensors its shards hold")
-        self._handles: dict[str, object] = {}
 
     def keys(self) -> list[str]:
         return list(self.specs)
@@ -82,14 +81,14 @@ class SafetensorsSource:
         """One tensor, read from its file (on the CPU, then moved to `device`)."""
         from safetensors import safe_open
 
-        file = self.file_of[name]
-        if file not in self._handles:
-            self._handles[file] = safe_open(str(self.folder / file), framework="pt", device="cpu")
-        t = self._handles[file].get_tensor(name)
+        # A handle per read: a handle kept open keeps every page it has read mapped into the process, so
+        # the resident size would grow to the whole checkpoint (reclaimable, but counted).
+        with safe_open(str(self.folder / self.file_of[name]), framework="pt", device="cpu") as f:
+            t = f.get_tensor(name)
         return t if device is None else t.to(device)
 
     def close(self) -> None:
-        self._handles.clear()
+        pass
 
     def __enter__(self):
         return self
