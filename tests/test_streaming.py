@@ -147,6 +147,38 @@ def test_groups_of_any_size_give_the_same_bytes(tmp_path):
     assert_same_files(outs[0], outs[2])
 
 
+@pytest.fixture
+def two_threads():
+    """One thread never splits a reduction, so it would hide batch-dependent rounding."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_kmeans_inertia_does_not_depend_on_the_batch_at_a_size_torch_splits_across_threads(two_threads):
+    """The contract streaming's byte identity rests on. Labels and centres always held; the float64 inertia,
+    summed over the whole batch at once, differed in its last bits once a layer had > 32k entries."""
+    from hf_mlpfusion.core.kmeans import kmeans
+
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(6, 300, 200, generator=g) * torch.rand(6, 1, 200, generator=g)
+    batch = kmeans(z, 75, seed=1)
+    for b in range(6):
+        one = kmeans(z[b], 75, seed=1)
+        assert torch.equal(one.labels, batch.labels[b]) and torch.equal(one.centers, batch.centers[b])
+        assert torch.equal(one.inertia, batch.inertia[b])
+
+
+@pytest.mark.parametrize("model_type,head", [("bert", "BertModel"), ("llama", "LlamaForCausalLM")])
+def test_streaming_equals_in_memory_for_layers_too_big_for_one_thread(tmp_path, two_threads, model_type, head):
+    """Sub-MLP vectors of 300 x 201 (linear) and 300 x 300 (gated) entries: large enough for torch to split
+    reductions across threads, which is where batch-dependent rounding shows (the tiny models are not)."""
+    src = tmp_path / "src"
+    tiny.model(model_type, head, width=300, hidden=100).save_pretrained(src)
+    both_ways(src, FusionConfig(ratio=0.25, seed=3), tmp_path)
+
+
 def test_bf16_source_keeps_its_dtype(tmp_path):
     src = tmp_path / "src"
     tiny.model("llama", "LlamaForCausalLM").to(torch.bfloat16).save_pretrained(src, max_shard_size="40KB")
@@ -293,3 +325,21 @@ def test_cli_max_shard_size_and_in_memory_give_the_same_folder(tmp_path):
     assert len(set(index["weight_map"].values())) > 1
     bad = runner.invoke(app, ["compress", str(src), "-o", str(tmp_path / "bad"), "--max-shard-size", "5 parsecs"])
     assert bad.exit_code != 0 and "shard size" in bad.output and not (tmp_path / "bad").exists()
+
+
+def test_lazy_model_opens_a_fused_checkpoint_block_by_block(tmp_path):
+    """What calibration needs for the fused side: its blocks (narrow MLPs, count vectors) on demand too."""
+    src = tmp_path / "src"
+    tiny.model("gpt2", "GPT2LMHeadModel").save_pretrained(src)
+    out = compress(str(src), FusionConfig(ratio=0.5, layers=[1]), tmp_path / "out").output
+    with pytest.raises(Exception, match="already MLP-fused"):
+        LazyModel(out)
+    lazy = LazyModel(out, fused_ok=True)
+    assert type(lazy.model).__name__ == "MLPFusionGPT2LMHeadModel"
+    block = lazy.load_block(1)
+    assert block.mlp.c_fc.weight.shape == (32, 32) and block.mlp.act.counts.sum() == 64
+    lazy.release_block(1)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    lazy.load_outside_blocks()
+    with lazy.blocks_on_demand():
+        assert tiny.max_diff(tiny.outputs(ref, "GPT2LMHeadModel"), tiny.outputs(lazy.model, "GPT2LMHeadModel")) == 0.0

@@ -228,7 +228,9 @@ def _solve_group(x, x_orig, k, R, max_iter, tol, refine, u_first, u_trials, out_
     inertia = torch.empty(G, R, dtype=torch.float64, device=dev)
     for r in range(R):
         assigned = torch.gather(cen64[:, r], 1, lab[:, r, :, None].expand(G, n, dim))
-        inertia[:, r] = ((x64 - assigned) ** 2).sum((1, 2))
+        for g in range(G):  # one problem at a time: torch splits a sum over the whole batch across threads
+            # differently for another batch size, and the inertia's last bits would depend on the batch
+            inertia[g, r] = ((x64[g] - assigned[g]) ** 2).sum()
     best = inertia.argmin(1)  # first minimum: deterministic
     g = torch.arange(G, device=dev)
     return (lab[g, best].clone(), cen64[g, best].to(out_dtype), inertia[g, best].clone(),
