@@ -63,11 +63,23 @@ class SafetensorsSource:
                 entries, _ = read_header(self.folder / name)
             except (OSError, ValueError) as err:
                 raise NotStreamable(f"cannot read the header of {name}: {err}") from None
+            end = 0
             for key, info in entries.items():
                 if info.get("dtype") not in DTYPES:
                     raise NotStreamable(f"{name}: tensor {key} has dtype {info.get('dtype')}, which torch cannot hold")
-                self.specs[key] = TensorSpec(DTYPES[info["dtype"]], tuple(int(s) for s in info["shape"]))
+                spec = TensorSpec(DTYPES[info["dtype"]], tuple(int(s) for s in info["shape"]))
+                start, stop = info["data_offsets"]
+                if stop - start != spec.nbytes:
+                    raise NotStreamable(f"{name} is corrupt: {key} does not fill its {stop - start} bytes")
+                self.specs[key] = spec
                 self.file_of[key] = name
+                end = max(end, stop)
+            size = (self.folder / name).stat().st_size
+            with open(self.folder / name, "rb") as f:
+                header_len = 8 + int.from_bytes(f.read(8), "little")
+            if size != header_len + end:  # cut off while downloading, say: leave it to the loader's own checks
+                raise NotStreamable(f"{name} is truncated or corrupt ({size} bytes, its header describes "
+                                    f"{header_len + end})")
         if weight_map is not None and weight_map != self.file_of:
             raise NotStreamable(f"{INDEX_NAME} does not list exactly the tensors its shards hold")
 
@@ -107,18 +119,22 @@ def default_dtype(dtype: torch.dtype):
         torch.set_default_dtype(before)
 
 
-def source_config(folder: Path):
-    """(head class name, the transformers class, its config) of a checkpoint folder."""
+def source_config(folder: Path, *, fused_ok: bool = False):
+    """(stock head class name, the class to build, its config) of a checkpoint folder; a checkpoint this
+    tool wrote (model_type mlpfusion_*) gets the package's fused class when `fused_ok`."""
     import transformers
+
+    from .. import modeling
+    from ..families import is_fused_type
 
     try:
         data = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         raise NotStreamable(f"{folder / 'config.json'} cannot be read") from None
     model_type = data.get("model_type")
-    family_for(model_type, fused_ok=False)
+    family_for(model_type, fused_ok=fused_ok)
     head = head_name(model_type, data.get("architectures"))
-    cls = getattr(transformers, head)
+    cls = modeling.model_class_for(head) if is_fused_type(model_type) else getattr(transformers, head)
     return head, cls, cls.config_class.from_pretrained(str(folder))
 
 
@@ -143,13 +159,14 @@ def load_dtype(config, source: SafetensorsSource) -> torch.dtype:
 class LazyModel:
     """See the module docstring."""
 
-    def __init__(self, folder: str | Path, *, source: SafetensorsSource | None = None):
+    def __init__(self, folder: str | Path, *, source: SafetensorsSource | None = None, fused_ok: bool = False):
+        """`fused_ok`: also open a checkpoint this tool wrote (with the fused class), e.g. to calibrate it."""
         from accelerate import init_empty_weights
 
         self.folder = Path(folder)
         self.source = source if source is not None else SafetensorsSource(self.folder)
-        self.head, cls, config = source_config(self.folder)
-        self.family = family_for(config.model_type, fused_ok=False)
+        self.head, cls, config = source_config(self.folder, fused_ok=fused_ok)
+        self.family = family_for(config.model_type, fused_ok=fused_ok)
         self.dtype = load_dtype(config, self.source)
         if cls._keep_in_fp32_modules and self.dtype in (torch.float16, torch.bfloat16):
             raise NotStreamable(f"{cls.__name__} keeps some modules in float32 when loaded in {self.dtype}")

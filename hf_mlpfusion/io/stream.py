@@ -311,7 +311,8 @@ def try_streaming(source_dir: str | Path, config: FusionConfig, output: str | Pa
     model loads) and otherwise logs one line saying why; `True` insists (an error instead of the
     in-memory path); `False` never streams. Under several processes streaming is the only path.
     """
-    parse_shard_size(max_shard_size)  # a bad size fails now, not after the clustering
+    parse_shard_size(max_shard_size)  # a bad size or device fails now, not after the copying
+    resolve_device(config.device)
     workers = Workers.from_env()
     try:
         reason = None
