@@ -263,18 +263,16 @@ def copy_processor_files(source: Path, target: Path) -> list[str]:
 
 
 def save_fused(model, folder: Path, *, source_dir: Path | None = None, repo_id: str | None = None,
-               max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> None:
+               max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, weights: bool = True) -> None:
     """save_pretrained (safetensors) + the remote code of custom classes + processor files
-    + sentence-transformers module files + card."""
-    from .io import write_pretrained  # save_pretrained's files; the weights through the writer streaming uses too
+    + sentence-transformers module files + card. `weights=False`: the weights are in `folder` already
+    (the streaming path wrote them; `model` is on the meta device), write everything else."""
+    from .io import write_model_files, write_pretrained  # the weights through the writer streaming uses too
 
-    write_pretrained(model, folder, max_shard_size=max_shard_size)
-    save_extras(folder, source_dir=source_dir, repo_id=repo_id)
-
-
-def save_extras(folder: Path, *, source_dir: Path | None = None, repo_id: str | None = None) -> None:
-    """What a saved fused checkpoint gets besides save_pretrained's files: processor files,
-    sentence-transformers module files, card (the streaming path calls this too)."""
+    if weights:
+        write_pretrained(model, folder, max_shard_size=max_shard_size)
+    else:
+        write_model_files(model, folder)
     if source_dir is not None:
         copy_processor_files(source_dir, folder)
         from .sentence_transformers_files import copy_files  # modules.json, 1_Pooling/, ... of a sentence-transformers source

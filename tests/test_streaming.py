@@ -261,6 +261,23 @@ def test_files_that_load_differently_fall_back_to_memory_with_a_notice(tmp_path,
     assert not (tmp_path / "insist").exists()
 
 
+def test_a_truncated_source_is_left_to_the_loader_which_says_so(tmp_path, caplog):
+    from hf_mlpfusion.errors import CorruptCheckpointError
+
+    src = tmp_path / "src"
+    tiny.model("bert", "BertModel").save_pretrained(src)
+    f = src / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:-100])
+    with pytest.raises(NotStreamable, match="truncated"):
+        LazyModel(src)
+    for streaming in (None, True):  # even when streaming is asked for, the loader's message is the useful one
+        with caplog.at_level(logging.WARNING, logger="hf_mlpfusion"):
+            with pytest.raises(CorruptCheckpointError):
+                compress(str(src), FusionConfig(ratio=0.5), tmp_path / "out", streaming=streaming)
+    assert not (tmp_path / "out").exists()
+    assert not [r for r in caplog.records if r.name == "hf_mlpfusion"]  # no "compressing in memory" note first
+
+
 def test_calibration_never_streams_and_says_nothing(tmp_path, caplog):
     src = tmp_path / "src"
     tiny.model("bert", "BertModel").save_pretrained(src)
@@ -268,7 +285,7 @@ def test_calibration_never_streams_and_says_nothing(tmp_path, caplog):
         stream.try_streaming(src, FusionConfig(), tmp_path / "x", streaming=True, data_free=False, source="s")
     with caplog.at_level(logging.WARNING, logger="hf_mlpfusion"):
         assert stream.try_streaming(src, FusionConfig(), tmp_path / "x", data_free=False, source="s") is None
-    assert not caplog.records and not (tmp_path / "x").exists()
+    assert not [r for r in caplog.records if r.name == "hf_mlpfusion"] and not (tmp_path / "x").exists()
 
 
 # ----------------------------------------------------------------------------- LazyModel: blocks on demand

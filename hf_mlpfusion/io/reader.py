@@ -35,7 +35,7 @@ from torch import nn
 
 from ..families import family_for, head_name
 from .safetensors_format import DTYPES, TensorSpec, read_header
-from .save import NotStreamable, weight_specs
+from .save import NotStreamable, UnreadableCheckpoint, weight_specs
 from .writer import INDEX_NAME, WEIGHTS_NAME
 
 
@@ -49,39 +49,44 @@ class SafetensorsSource:
             try:
                 weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
             except (ValueError, KeyError, TypeError):
-                raise NotStreamable(f"{index.name} has no readable weight_map") from None
+                raise UnreadableCheckpoint(f"{index.name} has no readable weight_map") from None
             files = sorted(set(weight_map.values()))
         elif (self.folder / WEIGHTS_NAME).is_file():
             weight_map, files = None, [WEIGHTS_NAME]
         else:
-            raise NotStreamable(f"{self.folder} has no {WEIGHTS_NAME} or {INDEX_NAME}")
+            raise UnreadableCheckpoint(f"{self.folder} has no {WEIGHTS_NAME} or {INDEX_NAME}")
         self.files = files
         self.specs: dict[str, TensorSpec] = {}
         self.file_of: dict[str, str] = {}
         for name in files:
             try:
-                entries, _ = read_header(self.folder / name)
-            except (OSError, ValueError) as err:
-                raise NotStreamable(f"cannot read the header of {name}: {err}") from None
-            end = 0
-            for key, info in entries.items():
-                if info.get("dtype") not in DTYPES:
-                    raise NotStreamable(f"{name}: tensor {key} has dtype {info.get('dtype')}, which torch cannot hold")
-                spec = TensorSpec(DTYPES[info["dtype"]], tuple(int(s) for s in info["shape"]))
-                start, stop = info["data_offsets"]
-                if stop - start != spec.nbytes:
-                    raise NotStreamable(f"{name} is corrupt: {key} does not fill its {stop - start} bytes")
-                self.specs[key] = spec
-                self.file_of[key] = name
-                end = max(end, stop)
-            size = (self.folder / name).stat().st_size
-            with open(self.folder / name, "rb") as f:
-                header_len = 8 + int.from_bytes(f.read(8), "little")
-            if size != header_len + end:  # cut off while downloading, say: leave it to the loader's own checks
-                raise NotStreamable(f"{name} is truncated or corrupt ({size} bytes, its header describes "
-                                    f"{header_len + end})")
+                self._read(name)
+            except NotStreamable:
+                raise
+            except Exception as err:  # any malformed header: leave it to the loader's own checks and messages
+                raise UnreadableCheckpoint(f"{name} is truncated or corrupt ({type(err).__name__}: {err})") from None
         if weight_map is not None and weight_map != self.file_of:
-            raise NotStreamable(f"{INDEX_NAME} does not list exactly the tensors its shards hold")
+            raise UnreadableCheckpoint(f"{INDEX_NAME} does not list exactly the tensors its shards hold")
+
+    def _read(self, name: str) -> None:
+        entries, _ = read_header(self.folder / name)
+        end = 0
+        for key, info in entries.items():
+            if info.get("dtype") not in DTYPES:
+                raise NotStreamable(f"{name}: tensor {key} has dtype {info.get('dtype')}, which torch cannot hold")
+            spec = TensorSpec(DTYPES[info["dtype"]], tuple(int(s) for s in info["shape"]))
+            start, stop = info["data_offsets"]
+            if stop - start != spec.nbytes:
+                raise UnreadableCheckpoint(f"{name} is corrupt: {key} does not fill its {stop - start} bytes")
+            self.specs[key] = spec
+            self.file_of[key] = name
+            end = max(end, stop)
+        size = (self.folder / name).stat().st_size
+        with open(self.folder / name, "rb") as f:
+            header_len = 8 + int.from_bytes(f.read(8), "little")
+        if size != header_len + end:  # cut off while downloading, say
+            raise UnreadableCheckpoint(f"{name} is truncated or corrupt ({size} bytes, its header describes "
+                                f"{header_len + end})")
 
     def keys(self) -> list[str]:
         return list(self.specs)
@@ -130,7 +135,7 @@ def source_config(folder: Path, *, fused_ok: bool = False):
     try:
         data = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        raise NotStreamable(f"{folder / 'config.json'} cannot be read") from None
+        raise UnreadableCheckpoint(f"{folder / 'config.json'} cannot be read") from None
     model_type = data.get("model_type")
     family_for(model_type, fused_ok=fused_ok)
     head = head_name(model_type, data.get("architectures"))

@@ -30,6 +30,11 @@ class NotStreamable(Exception):
     """The checkpoint cannot be written tensor by tensor exactly as the in-memory path would; the message says why."""
 
 
+class UnreadableCheckpoint(NotStreamable):
+    """No weights this reader can use (none, only pickles, a truncated or malformed file or index, no
+    readable config.json): the in-memory loader's own checks report it, in their words, or load the pickles."""
+
+
 def _saved_state(model) -> dict[str, torch.Tensor]:
     from transformers.modeling_utils import remove_tied_weights_from_state_dict
 
@@ -92,4 +97,4 @@ def write_pretrained(model, folder: str | os.PathLike, *, max_shard_size: int | 
     write_model_files(model, folder)
 
 
-__all__ = ["NotStreamable", "weight_specs", "write_model_files", "write_pretrained"]
+__all__ = ["NotStreamable", "UnreadableCheckpoint", "weight_specs", "write_model_files", "write_pretrained"]

@@ -6,9 +6,10 @@
             tensor at a time;
     fuse    the MLPs of one layer group (default: one layer) are loaded, reduced by the same
             `reduce_layers` the in-memory `fuse` uses, written, and released;
-    finish  config.json & co. by `save_pretrained` itself (`write_model_files`), then the tokenizer,
-            sentence-transformers files and model card as the in-memory path writes them, in the
-            same temporary folder that is renamed into place at the end.
+    finish  `compress.save_fused(..., weights=False)`, the in-memory path's own save minus the weights:
+            config.json & co. by `save_pretrained` itself (`write_model_files`), the tokenizer,
+            sentence-transformers files and model card, in the same temporary folder that
+            `compress.atomic_save` renames into place at the end.
 
 Peak memory is one layer group's MLPs and their k-means working set, plus the largest single tensor
 copied (an embedding matrix). The output is byte for byte the in-memory path's for the same input
@@ -40,7 +41,7 @@ from ..fuse import (count_parameters, fused_class, fused_config, fused_shape, fu
 from ..methods import Reduction
 from .distributed import Workers
 from .reader import LazyModel, NotStreamable, default_dtype
-from .save import weight_specs, write_model_files
+from .save import UnreadableCheckpoint, weight_specs
 from .writer import DEFAULT_MAX_SHARD_SIZE, ShardedWriter, parse_shard_size
 
 logger = logging.getLogger("hf_mlpfusion")
@@ -258,7 +259,7 @@ def compress_streaming(p: StreamPlan, source_dir: Path, output: Path, *, source:
                        max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, workers: Workers | None = None,
                        seconds: dict | None = None):
     """Run a planned streaming compress; every process returns the same `CompressResult`."""
-    from ..compress import CompressResult, atomic_save, save_extras
+    from .. import compress as pipeline  # (looked up when called, as the in-memory path's save_fused is)
 
     say = progress or (lambda msg: None)
     workers = workers or Workers()
@@ -269,14 +270,13 @@ def compress_streaming(p: StreamPlan, source_dir: Path, output: Path, *, source:
         info = write_weights(p, tmp, workers, max_shard_size=max_shard_size, say=say, device=device, seconds=seconds)
         t0 = time.perf_counter()
         finish_config(p, info, source=source)
-        write_model_files(p.fused, tmp)
-        save_extras(tmp, source_dir=source_dir, repo_id=repo_id)
+        pipeline.save_fused(p.fused, tmp, source_dir=source_dir, repo_id=repo_id, weights=False)
         seconds["save"] = time.perf_counter() - t0
 
     try:
         if workers.main:
             try:
-                atomic_save(write, output, overwrite=overwrite)
+                pipeline.atomic_save(write, output, overwrite=overwrite)
             except BaseException as err:
                 workers.broadcast(("error", _message(err)))
                 raise
@@ -291,7 +291,7 @@ def compress_streaming(p: StreamPlan, source_dir: Path, output: Path, *, source:
             p.fused.config.mlpfusion = meta
     finally:
         p.lazy.source.close()
-    return CompressResult(
+    return pipeline.CompressResult(
         output=output, model=p.fused, source=source,
         widths_before=list(meta["widths_before"]), widths_after=list(meta["widths_after"]),
         layers=list(meta["layers"]), hidden_size=p.lazy.family.hidden_size(p.lazy.model.config),
@@ -324,6 +324,8 @@ def try_streaming(source_dir: str | Path, config: FusionConfig, output: str | Pa
             t0 = time.perf_counter()
             try:
                 p = plan(source_dir, config, layers_per_group=layers_per_group)
+            except UnreadableCheckpoint:
+                return None  # the loader says what is wrong with the file, in its own words
             except NotStreamable as err:
                 reason = str(err)
         if reason is not None:
