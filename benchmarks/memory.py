@@ -3,7 +3,7 @@ below the checkpoint's size, and CPU inference latency of fused models against t
 
     python benchmarks/memory.py build        # random checkpoints from configs, cached in .bench_cache/
     python benchmarks/memory.py memory       # peak RSS and wall time, streaming vs in-memory, side by side
-    python benchmarks/memory.py limit        # the Llama-shaped checkpoint under a memory limit below its size
+    python benchmarks/memory.py limit        # a 5.9 GB Llama-shaped checkpoint under a 3.5 GB memory limit
     python benchmarks/memory.py latency      # fused RoBERTa-base-shaped latency vs FLOPs, widths 8/64-rounded
     python benchmarks/memory.py all
 
@@ -44,16 +44,23 @@ CHECKPOINTS = {
                        type_vocab_size=1, pad_token_id=1, bos_token_id=0, eos_token_id=2),
     },
     "gpt2-medium": {
-        "head": "GPT2LMHeadModel", "dtype": "float32", "layers": "8-23", "shard": None,
+        "head": "GPT2LMHeadModel", "dtype": "float32", "layers": "12-23", "shard": None,
         "config": dict(model_type="gpt2", vocab_size=50257, n_embd=1024, n_layer=24, n_head=16, n_positions=1024),
     },
     "llama-3gb": {  # TinyLlama's widths at 32 layers, bfloat16: 1.54 B parameters, 3.08 GB, in 1 GB shards
-        "head": "LlamaForCausalLM", "dtype": "bfloat16", "layers": "8-15", "shard": "1GB",
+        "head": "LlamaForCausalLM", "dtype": "bfloat16", "layers": "12-15", "shard": "1GB",
         "config": dict(model_type="llama", vocab_size=32000, hidden_size=2048, intermediate_size=5632,
                        num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=4,
                        max_position_embeddings=2048, tie_word_embeddings=False),
     },
+    "llama-6gb": {  # the same layers, 64 of them (6.2 GB): only for the run under a memory limit
+        "head": "LlamaForCausalLM", "dtype": "bfloat16", "layers": "12-15", "shard": "2GB",
+        "config": dict(model_type="llama", vocab_size=32000, hidden_size=2048, intermediate_size=5632,
+                       num_hidden_layers=64, num_attention_heads=32, num_key_value_heads=4,
+                       max_position_embeddings=2048, tie_word_embeddings=False),
+    },
 }
+MEMORY_DEFAULT = ["roberta-base", "gpt2-medium", "llama-3gb"]
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -90,7 +97,7 @@ def machine() -> dict:
 
 def build(name: str) -> Path:
     """The checkpoint `name`, built once from its config with random weights (seed 0) and cached."""
-    spec = CHECKPOINTS[name]
+    spec = {k: v for k, v in CHECKPOINTS[name].items() if k != "layers"}  # what the files depend on
     path = CACHE / name
     stamp = json.dumps(spec, sort_keys=True)
     if (path / "BUILT").is_file() and (path / "BUILT").read_text() == stamp:
@@ -115,6 +122,19 @@ model.save_pretrained({str(path)!r}, **kw)
     return path
 
 
+SNAPSHOT: Path | None = None  # a copy of the package the children import (edits during a run do not leak in)
+
+
+def snapshot() -> Path:
+    global SNAPSHOT
+    if SNAPSHOT is None:
+        SNAPSHOT = Path(tempfile.mkdtemp(prefix="mlpfusion-bench-"))
+        shutil.copytree(ROOT / "hf_mlpfusion", SNAPSHOT / "hf_mlpfusion",
+                        ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copytree(ROOT / "model_cards", SNAPSHOT / "hf_mlpfusion" / "model_cards")
+    return SNAPSHOT
+
+
 def run_measured(cmd: list[str], *, cgroup: Path | None = None, rlimit_as: int | None = None) -> dict:
     """Run `cmd` as a child; its exit code, wall time and peak RSS (ru_maxrss of that child, bytes)."""
     import resource
@@ -127,8 +147,10 @@ def run_measured(cmd: list[str], *, cgroup: Path | None = None, rlimit_as: int |
 
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err, preexec_fn=pre, cwd=ROOT,
-                                env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
+        snap = snapshot()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, preexec_fn=pre, cwd=snap,
+                                env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+                                     "PYTHONPATH": str(snap)})
         _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - t0
         proc.returncode = os.waitstatus_to_exitcode(status)
@@ -166,19 +188,25 @@ def bench_memory(names: list[str], repeat: int) -> dict:
                     print(f"  {name} {mode}: peak {gb(res['peak_rss'])} ({res['peak_rss'] / size:.2f}x), "
                           f"{res['wall_s']:.1f} s", flush=True)
             identical = same_bytes(Path(tmp) / "streaming", Path(tmp) / "in-memory")
+            if not identical:  # keep both for a look
+                keep = CACHE / f"mismatch-{name}"
+                shutil.rmtree(keep, ignore_errors=True)
+                shutil.copytree(tmp, keep)
         for mode, rs in runs.items():
             peak = statistics.median(r["peak_rss"] for r in rs)
             rows.append({"checkpoint": name, "size": size, "mode": mode, "layers": spec["layers"],
                          "peak_rss": peak, "ratio": peak / size, "wall_s": statistics.median(r["wall_s"] for r in rs),
-                         "runs": len(rs), "identical": identical})
+                         "runs": len(rs), "peaks": [r["peak_rss"] for r in rs], "walls": [r["wall_s"] for r in rs],
+                         "identical": identical})
     return {"rows": rows}
 
 
 def print_memory(result: dict) -> None:
-    print("\n| checkpoint | size | fused layers | path | peak RSS (median) | peak / size | wall time (median) | same bytes |")
+    print("\n| checkpoint | size | fused layers | path | peak RSS (median; runs) | peak / size | wall time (median) | same bytes |")
     print("|---|---:|---|---|---:|---:|---:|---|")
     for r in result["rows"]:
-        print(f"| {r['checkpoint']} | {gb(r['size'])} | {r['layers']} | {r['mode']} | {gb(r['peak_rss'])} | "
+        runs = ", ".join(f"{p / 1e9:.2f}" for p in r["peaks"])
+        print(f"| {r['checkpoint']} | {gb(r['size'])} | {r['layers']} | {r['mode']} | {gb(r['peak_rss'])} ({runs}) | "
               f"**{r['ratio']:.2f}x** | {r['wall_s']:.1f} s | {'yes' if r['identical'] else 'NO'} |")
 
 
@@ -208,7 +236,7 @@ def _own_cgroup() -> tuple[str, Path] | None:
     return version, child
 
 
-def bench_limit(limit: int, name: str = "llama-3gb") -> dict:
+def bench_limit(limit: int, name: str = "llama-6gb") -> dict:
     src = build(name)
     size = folder_size(src)
     spec = CHECKPOINTS[name]
@@ -327,9 +355,11 @@ def print_latency(r: dict) -> None:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("what", choices=["build", "memory", "limit", "latency", "all"])
-    ap.add_argument("--only", nargs="*", default=list(CHECKPOINTS), choices=list(CHECKPOINTS))
+    ap.add_argument("--only", nargs="*", default=MEMORY_DEFAULT, choices=list(CHECKPOINTS),
+                    help="checkpoints of the memory run (default: all but llama-6gb)")
+    ap.add_argument("--limit-checkpoint", default="llama-6gb", choices=list(CHECKPOINTS))
     ap.add_argument("--repeat", type=int, default=1, help="runs per path and checkpoint (alternating order)")
-    ap.add_argument("--limit", default="1.2GB", help="memory limit of the limit run (below the checkpoint's size)")
+    ap.add_argument("--limit", default="3.5GB", help="memory limit of the limit run (below the checkpoint's size)")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--length", type=int, default=128)
     ap.add_argument("--runs", type=int, default=20)
@@ -338,7 +368,7 @@ def main(argv=None) -> None:
     result = {"machine": machine()}
     print(json.dumps(result["machine"]))
     if args.what in ("build", "all"):
-        for name in args.only:
+        for name in dict.fromkeys(args.only + [args.limit_checkpoint]):
             build(name)
     if args.what in ("memory", "all"):
         result["memory"] = bench_memory(args.only, args.repeat)
@@ -346,11 +376,13 @@ def main(argv=None) -> None:
     if args.what in ("limit", "all"):
         from huggingface_hub.serialization._base import parse_size_to_int
 
-        result["limit"] = bench_limit(parse_size_to_int(args.limit))
+        result["limit"] = bench_limit(parse_size_to_int(args.limit), args.limit_checkpoint)
         print_limit(result["limit"])
     if args.what in ("latency", "all"):
         result["latency"] = bench_latency(args.batch, args.length, args.runs)
         print_latency(result["latency"])
+    if SNAPSHOT is not None:
+        shutil.rmtree(SNAPSHOT, ignore_errors=True)
     result["machine"]["load_after"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
     (CACHE / f"memory-{args.what}-{stamp}.json").write_text(json.dumps(result, indent=2, default=str))
