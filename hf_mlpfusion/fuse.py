@@ -61,7 +61,11 @@ def reduce_layers(weights: dict[int, MLPTensors], widths: dict[int, int], config
     device = resolve_device(config.device)
     out: dict[int, Reduction] = {}
     for (_, k), idx in sorted(groups.items()):
-        mlps = stack([weights[i].map(lambda t: t.detach().float()) for i in idx])
+        # stacked in the weights' dtype, then cast once: the same numbers as casting each layer, fewer copies
+        # (none at all for one float32 layer: the methods never write into their input)
+        parts = [weights[i].map(lambda t: t.detach()) for i in idx]
+        mlps = (parts[0] if len(parts) == 1 else stack(parts)).map(lambda t: t.float())
+        del parts
         kwargs = dict(config.extra)
         if metrics is not None:
             kwargs["metric"] = stack_metrics([metrics[i] for i in idx])
@@ -124,12 +128,34 @@ def fuse(model: PreTrainedModel, config: FusionConfig | None = None, *, source: 
     todo = [i for i in layers if i not in ready]
     reduced = {**reduce_layers({i: weights[i] for i in todo}, {i: new_width[i] for i in todo}, config, metrics), **ready}
 
+    widths_after, count_layers, stock = fused_shape(widths_before, new_width, reduced)
+    meta = fusion_metadata(config, layers, widths_before, widths_after, reduced,
+                           source=source if source is not None else str(getattr(model.config, "_name_or_path", "") or ""),
+                           num_parameters_before=count_parameters(model), metrics=metrics)
+
+    say("building the fused model")
+    fused = build_fused(model, family, {i: r for i, r in reduced.items()}, widths_after, count_layers, meta,
+                        stock=stock)
+    meta["num_parameters_after"] = count_parameters(fused)
+    fused.config.mlpfusion = meta
+    return fused
+
+
+def fused_shape(widths_before: list[int], new_width: dict[int, int],
+                reduced: dict[int, Reduction]) -> tuple[list[int], list[int], bool]:
+    """(every layer's width after fusion, the layers with a count vector, whether the result is a stock model:
+    one width everywhere and no count vector)."""
     widths_after = [new_width.get(i, w) for i, w in enumerate(widths_before)]
-    count_layers = [i for i in layers if reduced[i].counts is not None]
-    stock = not count_layers and len(set(widths_after)) == 1
+    count_layers = [i for i in sorted(reduced) if reduced[i].counts is not None]
+    return widths_after, count_layers, not count_layers and len(set(widths_after)) == 1
+
+
+def fusion_metadata(config: FusionConfig, layers: list[int], widths_before: list[int], widths_after: list[int],
+                    reduced: dict[int, Reduction], *, source: str, num_parameters_before: int,
+                    metrics: dict[int, DataMetric] | None = None) -> dict:
+    """The `mlpfusion` entry of the fused config.json (`num_parameters_after` is added once the model is built)."""
     # a local folder by its name only (no absolute path in the output); a Hub id is also the base model
-    source_model, base_model = source_identity(source if source is not None
-                                               else getattr(model.config, "_name_or_path", ""))
+    source_model, base_model = source_identity(source)
     meta = {
         "method": config.method,
         "ratio": config.ratio,
@@ -146,34 +172,38 @@ def fuse(model: PreTrainedModel, config: FusionConfig | None = None, *, source: 
         "library_version": __version__,
         "widths_before": widths_before,
         "widths_after": widths_after,
-        "num_parameters_before": count_parameters(model),
+        "num_parameters_before": num_parameters_before,
         "inertia": [None if reduced[i].inertia is None else float(reduced[i].inertia) for i in layers],
     }
     if metrics is not None:
         meta["clustering_tokens"] = int(max(m.tokens for m in metrics.values()))
     if config.extra:
         meta["options"] = {k: v for k, v in config.extra.items() if isinstance(v, (int, float, str, bool))}
-
-    say("building the fused model")
-    fused = build_fused(model, family, {i: r for i, r in reduced.items()}, widths_after, count_layers, meta,
-                        stock=stock)
-    meta["num_parameters_after"] = count_parameters(fused)
-    fused.config.mlpfusion = meta
-    return fused
+    return meta
 
 
-def fused_config(model: PreTrainedModel, family: Family, widths_after: list[int], count_layers: list[int],
+def fused_class(stock_head: str, *, stock: bool) -> type:
+    """The class of the fused model: the stock head itself, or its fused class (per-layer widths, counts)."""
+    import transformers
+
+    return getattr(transformers, stock_head) if stock else modeling.model_class_for(stock_head)
+
+
+def fused_config(model, family: Family, widths_after: list[int], count_layers: list[int],
                  meta: dict, *, stock: bool):
-    """The config of the fused model: the stock one at one width, or the fused type with per-layer widths."""
-    base = model.config.to_dict()
+    """The config of the fused model: the stock one at one width, or the fused type with per-layer widths.
+
+    `model` is the source model or just its config (the streaming path has no loaded model)."""
+    source_config = getattr(model, "config", model)
+    base = source_config.to_dict()
     for key in ("model_type", "architectures", "auto_map", "transformers_version", "_name_or_path",
                 "intermediate_sizes", "count_layers", "mlpfusion", "mlp_layout"):
         base.pop(key, None)
     base.update(family.stock_width_update(max(widths_after)))
     if stock:
-        new_config = type(model.config)(**base)
+        new_config = type(source_config)(**base)
     else:
-        cfg_cls = modeling.config_class_for(stock_type(model.config.model_type))
+        cfg_cls = modeling.config_class_for(stock_type(source_config.model_type))
         new_config = cfg_cls(**base, intermediate_sizes=widths_after, count_layers=count_layers,
                              mlp_layout=family.layout())
     new_config.mlpfusion = meta
@@ -183,7 +213,7 @@ def fused_config(model: PreTrainedModel, family: Family, widths_after: list[int]
 def build_fused(model: PreTrainedModel, family: Family, reduced: dict[int, Reduction], widths_after: list[int],
                 count_layers: list[int], meta: dict, *, stock: bool) -> PreTrainedModel:
     new_config = fused_config(model, family, widths_after, count_layers, meta, stock=stock)
-    cls = type(model) if stock else modeling.model_class_for(type(model).__name__)
+    cls = type(model) if stock else fused_class(type(model).__name__, stock=False)
     state = _fused_state_dict(model, family, reduced)
     with torch.device("meta"):
         fused = cls(new_config)
@@ -214,17 +244,21 @@ def _resolved_kmeans_options(config: FusionConfig) -> dict:
     }
 
 
+def reduction_entries(family: Family, block_name: str, block: torch.nn.Module, red: Reduction) -> dict[str, torch.Tensor]:
+    """The state-dict entries of one fused block's new MLP, in the dtype and on the device of its weights."""
+    ins, _ = family.projections(block)
+    dtype, dev = ins[0].weight.dtype, ins[0].weight.device
+    mlp = red.mlps.map(lambda t: t.to(dev, dtype))
+    counts = None if red.counts is None else red.counts.to(dev, dtype)
+    return family.state_entries(block_name, block, mlp, counts, family.output_bias(block))
+
+
 def _fused_state_dict(model, family: Family, reduced: dict[int, Reduction]) -> dict[str, torch.Tensor]:
     names = {id(m): name for name, m in model.named_modules()}
     blocks = family.block_list(model)
     replaced: dict[str, torch.Tensor] = {}
     for i, red in reduced.items():
-        block = blocks[i]
-        ins, _ = family.projections(block)
-        dtype, dev = ins[0].weight.dtype, ins[0].weight.device
-        mlp = red.mlps.map(lambda t: t.to(dev, dtype))
-        counts = None if red.counts is None else red.counts.to(dev, dtype)
-        replaced.update(family.state_entries(names[id(block)], block, mlp, counts, family.output_bias(block)))
+        replaced.update(reduction_entries(family, names[id(blocks[i])], blocks[i], red))
     state = {}
     for key, value in model.state_dict().items():
         state[key] = replaced[key] if key in replaced else value.detach().clone()
@@ -250,4 +284,5 @@ def _check_materialised(model: torch.nn.Module) -> None:
         )
 
 
-__all__ = ["fuse", "fused_model_type", "reduce_layers", "resolve_device"]
+__all__ = ["fuse", "fused_class", "fused_config", "fused_model_type", "fused_shape", "fusion_metadata", "reduce_layers",
+           "reduction_entries", "resolve_device"]

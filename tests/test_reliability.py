@@ -311,6 +311,10 @@ if stage == "load":  # inside transformers' weight loading, where a loader threa
             pause()
         return orig(*a, **k)
     cml._materialize_copy = slow
+elif stage == "stream":  # the streaming compress, between two layer groups
+    import hf_mlpfusion.io.stream as st
+    orig_group = st.reduce_group
+    st.reduce_group = lambda *a, **k: (pause(), orig_group(*a, **k))[1]
 elif stage in ("fuse", "save"):
     import hf_mlpfusion.compress as c
     if stage == "fuse":
@@ -344,10 +348,11 @@ def wait_for(proc, ready: Path, timeout: float = 240) -> None:
 
 
 @pytest.mark.parametrize("stage,sig", [("load", signal.SIGINT), ("fuse", signal.SIGINT), ("save", signal.SIGINT),
-                                       ("save", signal.SIGTERM)])
+                                       ("save", signal.SIGTERM), ("stream", signal.SIGINT)])
 def test_a_signal_at_any_stage_is_one_line_and_leaves_nothing(bert, tmp_path, stage, sig):
     before = snapshot(bert)
-    proc, ready = start_cli(tmp_path, stage, "compress", bert, "-o", tmp_path / "out")
+    path = [] if stage == "stream" else ["--in-memory"]  # data-free compress streams by default
+    proc, ready = start_cli(tmp_path, stage, "compress", bert, "-o", tmp_path / "out", *path)
     wait_for(proc, ready)
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=60)  # the paused stage sleeps 120 s: only the signal ends it sooner
@@ -518,7 +523,23 @@ def test_a_fusion_that_overflows_its_dtype_is_not_written(bert, work, monkeypatc
         return fused
 
     monkeypatch.setattr(compress_mod, "fuse", overflowing)
-    assert_fails(run("compress", bert, "-o", work / "out"), 5, "infinite")
+    assert_fails(run("compress", bert, "-o", work / "out", "--in-memory"), 5, "infinite")
+    assert not (work / "out").exists()
+
+
+def test_a_streamed_fusion_that_overflows_is_not_written(bert, work, monkeypatch):
+    import hf_mlpfusion.io.stream as stream_mod
+
+    real = stream_mod.reduction_entries
+
+    def overflowing(*a, **k):
+        entries = real(*a, **k)
+        first = next(iter(entries))
+        entries[first] = entries[first].clone().fill_(float("inf"))
+        return entries
+
+    monkeypatch.setattr(stream_mod, "reduction_entries", overflowing)
+    assert_fails(run("compress", bert, "-o", work / "out", "--streaming"), 5, "infinite")
     assert not (work / "out").exists()
 
 
@@ -543,21 +564,35 @@ def full_disk(self, *a, **k):
     raise OSError(errno.ENOSPC, "No space left on device")
 
 
-@pytest.mark.parametrize("how", ["oserror", "safetensors"])
-def test_a_full_disk_while_saving_is_one_line_and_leaves_nothing(bert, work, monkeypatch, how):
+@pytest.mark.parametrize("how,route", [("oserror", "--in-memory"), ("writer", "--in-memory"), ("writer", "--streaming"),
+                                       ("safetensors", "--in-memory")])
+def test_a_full_disk_while_saving_is_one_line_and_leaves_nothing(bert, work, monkeypatch, how, route):
     import transformers
+
+    import hf_mlpfusion.io.save as save_mod
 
     if how == "oserror":
         monkeypatch.setattr(transformers.PreTrainedModel, "save_pretrained", full_disk)
-    else:  # safetensors reports it with its own exception type, not an OSError
+    elif how == "writer":  # the sharded writer both routes share
+
+        def pwrite_full(*a, **k):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr("hf_mlpfusion.io.writer.os.pwrite", pwrite_full)
+    else:  # a model the writer cannot stream falls back to save_pretrained, and safetensors reports it
+        # with its own exception type, not an OSError
+
+        def not_streamable(model):
+            raise save_mod.NotStreamable("test")
 
         def safetensors_full(*a, **k):
             from safetensors import SafetensorError
 
             raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
 
+        monkeypatch.setattr(save_mod, "_saved_state", not_streamable)
         monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", safetensors_full)
-    assert_fails(run("compress", bert, "-o", work / "out"), 6, "No space left on device", "free some space")
+    assert_fails(run("compress", bert, "-o", work / "out", route), 6, "No space left on device", "free some space")
     assert not (work / "out").exists() and leftovers(work) == []
 
 
@@ -591,10 +626,10 @@ def test_an_unexpected_exception_is_one_line_with_exit_70(bert, work, monkeypatc
         raise ZeroDivisionError("division by zero")
 
     monkeypatch.setattr(compress_mod, "fuse", bug)
-    assert_fails(run("compress", bert, "-o", work / "out"), 70, "internal error", "ZeroDivisionError", "MLPFUSION_TRACEBACK")
+    assert_fails(run("compress", bert, "-o", work / "out", "--in-memory"), 70, "internal error", "ZeroDivisionError", "MLPFUSION_TRACEBACK")
     monkeypatch.setenv("MLPFUSION_TRACEBACK", "1")
     with pytest.raises(ZeroDivisionError):
-        runner.invoke(app, ["compress", str(bert), "-o", str(work / "out2")], catch_exceptions=False)
+        runner.invoke(app, ["compress", str(bert), "-o", str(work / "out2"), "--in-memory"], catch_exceptions=False)
 
 
 def test_out_of_memory_is_one_line_with_exit_6(bert, work, monkeypatch):
@@ -602,7 +637,7 @@ def test_out_of_memory_is_one_line_with_exit_6(bert, work, monkeypatch):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
     monkeypatch.setattr(compress_mod, "fuse", oom)
-    assert_fails(run("compress", bert, "-o", work / "out"), 6, "out of memory")
+    assert_fails(run("compress", bert, "-o", work / "out", "--in-memory"), 6, "out of memory")
 
 
 def test_push_shares_the_error_mapping(work):
@@ -694,4 +729,4 @@ def test_a_message_with_newlines_is_still_one_line(bert, work, monkeypatch):
         raise InvalidConfigError("the server said:\n  first\n\n  second")
 
     monkeypatch.setattr(compress_mod, "fuse", multiline)
-    assert_fails(run("compress", bert, "-o", work / "out"), 1, "the server said: first second")
+    assert_fails(run("compress", bert, "-o", work / "out", "--in-memory"), 1, "the server said: first second")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -46,30 +47,37 @@ def compress(
     as_json: JsonFlag = False,
     quiet: QuietFlag = False,
     version: VersionFlag = None,
+    max_shard_size: Annotated[str, typer.Option("--max-shard-size", help="Largest weights file (5GB, 500MB, ...): bigger checkpoints are split into model-0000i-of-0000n.safetensors shards with an index, as save_pretrained does.")] = "5GB",
+    streaming: Annotated[Optional[bool], typer.Option("--streaming/--in-memory", metavar="", help="Fuse a layer at a time, never holding the whole model (default: whenever it applies: data-free, safetensors that load as they are), or load the whole model. Same bytes either way. Under torchrun / accelerate launch the processes share the layers.", show_default=False)] = None,
 ) -> None:
     """Fuse the MLPs of a transformers checkpoint (BERT, RoBERTa, DistilBERT, GPT-2, Llama, Mistral, Qwen, ...) and save a smaller one."""
     from hf_mlpfusion.compress import compress as run_compress
     from hf_mlpfusion.errors import InvalidConfigError
+    from hf_mlpfusion.io import is_main_process
 
     if model is not None and model.lower() in ("true", "false", "yes", "no") and not Path(model).exists():
         raise InvalidConfigError(f"MODEL is {model!r}: flags take no value; write --overwrite, not --overwrite {model}")
 
+    main = is_main_process()  # under torchrun every process runs this; only process 0 talks and publishes
+
     config = FusionConfig(ratio=ratio, intermediate_size=intermediate_size, layers=layers, seed=seed,
                           method=method, n_init=n_init, max_iter=max_iter, device=device, fold_scale=fold_scale,
                           width_multiple=width_multiple)
-    if push_to_hub:
+    if push_to_hub and main:
         from hf_mlpfusion import hub
 
         user = hub.check_write_access(push_to_hub, token=token, endpoint=endpoint)  # fail fast, before minutes of work
         note(f"Hub: logged in as {user}, can write to {push_to_hub}", quiet)
 
-    with progress(quiet) as say:
+    with (progress(quiet) if main else contextlib.nullcontext(lambda msg: None)) as say:
         result = run_compress(model, config, output, overwrite=overwrite, allow_pickle=allow_pickle,
                               revision=revision, token=token, progress=say,
                               calibration=calibration, distill_steps=distill_steps,
                               calibration_samples=calibration_samples, data_aware=data_aware,
                               repo_id=push_to_hub, calibration_column=calibration_column, allocate=allocate,
-                              base_model=base_model)
+                              base_model=base_model, max_shard_size=max_shard_size, streaming=streaming)
+    if not main:
+        return
     if not as_json:
         if quiet:
             typer.echo(str(result.output))

@@ -273,7 +273,9 @@ def _exact_stats_torch(x64, lab, k):
     inertia = torch.empty(G, R, dtype=torch.float64, device=x64.device)
     for r in range(R):
         assigned = torch.gather(cen64[:, r], 1, lab[:, r, :, None].expand(G, n, dim))
-        inertia[:, r] = ((x64 - assigned) ** 2).sum((1, 2))
+        for g in range(G):  # one problem at a time: torch splits a sum over the whole batch across threads
+            # differently for another batch size, and the inertia's last bits would depend on the batch
+            inertia[g, r] = ((x64[g] - assigned[g]) ** 2).sum()
     return cen64, inertia
 
 
