@@ -18,7 +18,6 @@ import argparse
 import hashlib
 import importlib.util
 import json
-import math
 import os
 import pathlib
 import platform

@@ -161,15 +161,15 @@ def test_ratio_one_output_is_the_same_sentence_transformer(pairs, mode):
 @pytest.fixture(scope="module")
 def remote_code_route(pairs, tmp_path_factory):
     """Both models loaded by sentence-transformers in a process where hf_mlpfusion cannot be imported."""
-    script = blocked() + f"""
+    script = blocked() + """
 import json
 import torch
 torch.set_num_threads(1)
 from sentence_transformers import SentenceTransformer
 pairs, texts = json.loads(sys.argv[1]), json.loads(sys.argv[2])
 def modules(model):
-    return [[f"{{type(m).__module__}}.{{type(m).__qualname__}}", m.get_config_dict()] for m in model]
-result = {{}}
+    return [[f"{type(m).__module__}.{type(m).__qualname__}", m.get_config_dict()] for m in model]
+result = {}
 for mode, (src, out) in pairs.items():
     try:
         SentenceTransformer(out, device="cpu")
@@ -179,8 +179,8 @@ for mode, (src, out) in pairs.items():
     a = SentenceTransformer(src, device="cpu")
     b = SentenceTransformer(out, device="cpu", trust_remote_code=True)
     ea, eb = (m.encode(texts, convert_to_tensor=True, batch_size=8) for m in (a, b))
-    result[mode] = {{"refused": refused, "architecture": type(b[0].model).__name__, "modules": modules(a) == modules(b),
-                    "diff": float((ea - eb).abs().max()), "norm": eb.norm(dim=-1).tolist()}}
+    result[mode] = {"refused": refused, "architecture": type(b[0].model).__name__, "modules": modules(a) == modules(b),
+                    "diff": float((ea - eb).abs().max()), "norm": eb.norm(dim=-1).tolist()}
 print(json.dumps(result))
 """
     arg = json.dumps({m: [str(s), str(o)] for m, (s, o) in pairs.items()})
