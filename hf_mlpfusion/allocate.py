@@ -128,7 +128,7 @@ def allocate(model, config: FusionConfig, texts: list[str], tokenizer, *, metric
         reductions.update({(i, w): red[i] for i in chosen})
 
     errors: dict[int, dict[int, float]] = {i: {} for i in layers}
-    encoded = list(batches(texts, tokenizer, max_length=max_length, batch_size=batch_size, model=model))
+    encoded = list(batches(texts, tokenizer, max_length=max_length, batch_size=batch_size, model=model, by_length=True))
     was = model.training
     model.eval()
     try:

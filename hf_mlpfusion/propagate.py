@@ -108,17 +108,22 @@ def trace(model: nn.Module, family: Family, encoded: list[dict]) -> Trace:
 
 
 def run_block(block: nn.Module, trace_: Trace, i: int, hidden: list[torch.Tensor],
-              capture: dict[str, nn.Module] | None = None) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+              capture: dict[str, nn.Module] | None = None,
+              capture_output: dict[str, nn.Module] | None = None) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
     """Block i on `hidden` (one tensor per batch): its outputs, and the first input of each module in
-    `capture` at the non-padding tokens ([N, d] float32 on the CPU, batches concatenated)."""
-    got: dict[str, list[torch.Tensor]] = {name: [] for name in (capture or {})}
+    `capture` (the output of each module in `capture_output`) at the non-padding tokens ([N, d]
+    float32 on the CPU, batches concatenated)."""
+    got: dict[str, list[torch.Tensor]] = {name: [] for name in (*(capture or {}), *(capture_output or {}))}
     mask_box: list[torch.Tensor] = []
     handles = []
-    for name, module in (capture or {}).items():
-        def hook(mod, args, name=name):
-            got[name].append(args[0][mask_box[0].to(args[0].device).bool()].detach().float().cpu())
 
-        handles.append(module.register_forward_pre_hook(hook))
+    def keep(name, t):
+        got[name].append(t[mask_box[0].to(t.device).bool()].detach().float().cpu())
+
+    for name, module in (capture or {}).items():
+        handles.append(module.register_forward_pre_hook(lambda mod, args, name=name: keep(name, args[0])))
+    for name, module in (capture_output or {}).items():
+        handles.append(module.register_forward_hook(lambda mod, args, out, name=name: keep(name, out)))
     outs = []
     try:
         with torch.no_grad():

@@ -76,22 +76,27 @@ class MetricStats:
         self.out_norm2 = self.mlp.out[0].double().pow(2).sum(0)  # ||W_out[:, i]||^2
         self.n = 0
 
-    def add(self, x: torch.Tensor) -> None:
-        """Add the statistics of x [N, d] (float32, on the CPU)."""
-        xa = x.double()
+    def add(self, x: torch.Tensor, pre: list[torch.Tensor] | None = None) -> None:
+        """Add the statistics of x [N, d] (float32, on the CPU); `pre`: the input projections' outputs
+        at x when the caller has them already (one [N, p] per input), else computed here."""
+        # float32 products of one batch, summed over batches in float64: a batch holds a few hundred
+        # to a few thousand tokens, where float32 sums keep ~1e-6 relative accuracy
+        xa = x.float()
         if self.biased:
-            xa = torch.cat([xa, torch.ones(x.shape[0], 1, dtype=torch.float64)], dim=1)
-        self.xx += xa.T @ xa
+            xa = torch.cat([xa, torch.ones(x.shape[0], 1, dtype=xa.dtype)], dim=1)
+        self.xx += (xa.T @ xa).double()
         w0 = self.mlp.ins[0]
-        pre = [torch.nn.functional.linear(x.to(w0), w[0], None if b is None else b[0]).double().cpu()
-               for w, b in zip(self.mlp.ins, self.mlp.in_biases)]
+        if pre is None:
+            pre = [torch.nn.functional.linear(x.to(w0), w[0], None if b is None else b[0]) for w, b in
+                   zip(self.mlp.ins, self.mlp.in_biases)]
+        pre = [a.detach().float().cpu() for a in pre]
         with torch.enable_grad():
             pre = [a.requires_grad_(True) for a in pre]
             h = hidden(self.mlp.kind, self.act, pre)
             grads = torch.autograd.grad(h.sum(), pre)  # h_i depends on neuron i's own pre-activations only
-        self.h2 += h.detach().pow(2).sum(0)
+        self.h2 += h.detach().pow(2).sum(0, dtype=torch.float64)
         for j, g in enumerate(grads):
-            self.grad2[j] += g.pow(2).sum(0)
+            self.grad2[j] += g.pow(2).sum(0, dtype=torch.float64)
         self.n += x.shape[0]
 
     def metric(self) -> DataMetric:
