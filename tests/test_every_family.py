@@ -67,3 +67,41 @@ def test_info_and_card_describe_every_family(tmp_path, model_type, head):
     cfg = json.loads((tmp_path / "out" / "config.json").read_text())
     assert cfg["mlp_layout"]["inputs"] == list(family_for(model_type).inputs)
     assert torch.equal(torch.tensor(cfg["intermediate_sizes"]), torch.tensor([64, 32, 64]))
+
+
+@pytest.mark.parametrize("model_type,head", CASES)
+def test_statistics_from_hooks_equal_the_statistics_of_captured_inputs(tok, model_type, head):
+    """data_metrics takes the pre-activations from the model's own projections, in length-sorted
+    batches; the statistics of inputs captured in plain batches, with the products recomputed, agree."""
+    from hf_mlpfusion.calibrate import batches, capture_mlp_inputs
+    from hf_mlpfusion.core.metric import MetricStats
+    from hf_mlpfusion.families import family_of
+
+    m = tiny.model(model_type, head)
+    family = family_of(m)
+    layer = family.num_layers(m.config) - 1
+    got = data_metrics(m, [layer], TEXTS, tok)[layer]
+    block = family.block_list(m)[layer]
+    stats = MetricStats(family.read(block), family.act(block))
+    x = capture_mlp_inputs(m, layer, list(batches(TEXTS, tok, max_length=128, batch_size=16, model=m)))
+    stats.add(x)  # one batch, pre-activations recomputed here
+    want = stats.metric()
+    assert got.tokens == want.tokens == x.shape[0]
+    S, T = got.chol @ got.chol.T, want.chol @ want.chol.T  # (the last pivots of a near-singular S are not stable)
+    assert torch.allclose(S, T, rtol=1e-4, atol=1e-6 * float(T.diagonal().mean()))
+    assert torch.allclose(got.in_scales, want.in_scales, rtol=1e-4)
+    assert float(got.out_scale) == pytest.approx(float(want.out_scale), rel=1e-4)
+
+
+def test_length_sorted_batches_hold_the_same_tokens_with_less_padding(tok):
+    from hf_mlpfusion.calibrate import batches
+
+    texts = [("word " * n).strip() for n in (40, 1, 25, 3, 40, 2, 30, 1)]
+    plain = list(batches(texts, tok, max_length=64, batch_size=2))
+    ordered = list(batches(texts, tok, max_length=64, batch_size=2, by_length=True))
+    assert sum(int(b["attention_mask"].sum()) for b in plain) == sum(int(b["attention_mask"].sum()) for b in ordered)
+    assert sum(b["attention_mask"].numel() for b in ordered) < sum(b["attention_mask"].numel() for b in plain)
+    lengths = [int(n) for b in ordered for n in b["attention_mask"].sum(1)]
+    assert lengths == sorted(lengths)
+    again = list(batches(texts, tok, max_length=64, batch_size=2, by_length=True))
+    assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(ordered, again))
