@@ -34,7 +34,7 @@ from .core.metric import DataMetric, MetricStats
 from .core.mlp import hidden
 from .errors import InvalidConfigError
 from .families import Family, family_of
-from .propagate import run_block, trace
+from .propagate import at_tokens, run_block, trace
 
 RIDGE = 1e-6  # times the mean diagonal of the normal matrix
 GRAM_DTYPE = torch.float32  # products of one chunk of tokens in the refit, summed over chunks in float64
@@ -196,7 +196,7 @@ def visit_inputs(model, modules: list[nn.Module], stop: nn.Module, encoded, visi
 
     def grab(j):
         def hook(module, args):
-            visit(j, args[0][mask_box[0].bool()].detach().float().cpu())
+            visit(j, at_tokens(args[0], mask_box[0]))
             if module is stop:
                 raise _Stop
 
@@ -204,16 +204,22 @@ def visit_inputs(model, modules: list[nn.Module], stop: nn.Module, encoded, visi
 
     handles = [m.register_forward_pre_hook(grab(j)) for j, m in enumerate(modules)]
     try:
-        with torch.no_grad():
-            for batch in encoded:
-                mask_box[:] = [batch["attention_mask"]]
-                try:
-                    model.base_model(**{k: v.to(model.device) for k, v in batch.items()})
-                except _Stop:
-                    pass
+        run_batches(model, encoded, mask_box)
     finally:
         for h in handles:
             h.remove()
+
+
+def run_batches(model, encoded, mask_box: list[torch.Tensor]) -> None:
+    """Run `model`'s body on each batch of `encoded` without gradients, with the batch's attention
+    mask in `mask_box[0]` for the hooks to read; a hook raising `_Stop` ends that batch's pass."""
+    with torch.no_grad():
+        for batch in encoded:
+            mask_box[:] = [batch["attention_mask"]]
+            try:
+                model.base_model(**{k: v.to(model.device) for k, v in batch.items()})
+            except _Stop:
+                pass
 
 
 def capture_inputs(model, modules: list[nn.Module], stop: nn.Module, encoded: list[dict]) -> list[torch.Tensor]:
@@ -261,18 +267,15 @@ def data_metrics(model, layers: list[int], texts: list[str], tokenizer, *, max_l
     mask_box: list[torch.Tensor] = []
     pending: dict[int, dict] = {}
 
-    def take(t: torch.Tensor) -> torch.Tensor:
-        return t[mask_box[0].to(t.device).bool()].detach().float().cpu()
-
     def on_input(j):
         def hook(module, args):
-            pending[j] = {"x": take(args[0])}
+            pending[j] = {"x": at_tokens(args[0], mask_box[0])}
         return hook
 
     def on_projection(j, q, n):
         def hook(module, args, out):  # the model's own pre-activations: no second matrix product
             got = pending[j]
-            got[q] = take(out)
+            got[q] = at_tokens(out, mask_box[0])
             if len(got) == n + 1:
                 del pending[j]
                 stats[j].add(got["x"], [got[k] for k in range(n)])
@@ -289,13 +292,7 @@ def data_metrics(model, layers: list[int], texts: list[str], tokenizer, *, max_l
                 handles.append(ins[0].register_forward_pre_hook(on_input(j)))
                 handles += [m.register_forward_hook(on_projection(j, q, len(ins))) for q, m in enumerate(ins)]
             encoded = batches(texts, tokenizer, max_length=max_length, batch_size=batch_size, model=model, by_length=True)
-            with torch.no_grad():
-                for batch in encoded:
-                    mask_box[:] = [batch["attention_mask"]]
-                    try:
-                        model.base_model(**{k: v.to(model.device) for k, v in batch.items()})
-                    except _Stop:
-                        pass
+            run_batches(model, encoded, mask_box)
     finally:
         for h in handles:
             h.remove()
@@ -330,9 +327,12 @@ def token_weights(s: torch.Tensor) -> torch.Tensor:
 
 
 def refit_layer(family: Family, block: nn.Module, x: torch.Tensor, y: torch.Tensor, *, ridge: float = RIDGE,
-                w: torch.Tensor | None = None, chunk: int = 8192) -> tuple[float, float, bool]:
+                w: torch.Tensor | None = None, chunk: int = 8192, toward_current: bool = False) -> tuple[float, float, bool]:
     """(Weighted) least-squares refit of one fused MLP's output projection and bias, token weights `w`
-    (None = 1). Returns (old squared error, new squared error, whether the new weights were kept)."""
+    (None = 1). Returns (old squared error, new squared error, whether the new weights were kept).
+
+    The ridge pulls toward zero, or with `toward_current=True` toward the weights the layer has
+    (measured in benchmarks/ridge_prior.py and not adopted: docs/domains.md)."""
     _, out = family.projections(block)
     has_bias = out.bias is not None
     cur = family.read(block)
@@ -362,10 +362,11 @@ def refit_layer(family: Family, block: nn.Module, x: torch.Tensor, y: torch.Tens
     reg = torch.eye(m, dtype=torch.float64) * lam
     if has_bias:
         reg[-1, -1] = 0.0  # do not shrink the bias
+    rhs = B + reg @ old if toward_current else B
     try:
-        W = torch.linalg.solve(A + reg, B)
+        W = torch.linalg.solve(A + reg, rhs)
     except RuntimeError:  # singular even with the ridge: fall back to least squares
-        W = torch.linalg.lstsq(A + reg, B).solution
+        W = torch.linalg.lstsq(A + reg, rhs).solution
     before, after = err(old), err(W)
     if not (after < before):
         return before, before, False

@@ -107,6 +107,11 @@ def trace(model: nn.Module, family: Family, encoded: list[dict]) -> Trace:
     return t
 
 
+def at_tokens(t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """`t` ([B, T, ...]) at the non-padding tokens of `mask` ([B, T]): [N, ...], float32, on the CPU."""
+    return t[mask.to(t.device).bool()].detach().float().cpu()
+
+
 def run_block(block: nn.Module, trace_: Trace, i: int, hidden: list[torch.Tensor],
               capture: dict[str, nn.Module] | None = None,
               capture_output: dict[str, nn.Module] | None = None) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
@@ -118,7 +123,7 @@ def run_block(block: nn.Module, trace_: Trace, i: int, hidden: list[torch.Tensor
     handles = []
 
     def keep(name, t):
-        got[name].append(t[mask_box[0].to(t.device).bool()].detach().float().cpu())
+        got[name].append(at_tokens(t, mask_box[0]))
 
     for name, module in (capture or {}).items():
         handles.append(module.register_forward_pre_hook(lambda mod, args, name=name: keep(name, args[0])))
@@ -137,4 +142,4 @@ def run_block(block: nn.Module, trace_: Trace, i: int, hidden: list[torch.Tensor
     return outs, {name: torch.cat(v) if v else torch.empty(0) for name, v in got.items()}
 
 
-__all__ = ["Trace", "run_block", "trace"]
+__all__ = ["Trace", "at_tokens", "run_block", "trace"]

@@ -280,3 +280,28 @@ def test_token_weighted_calibration_reports_the_weighted_error_it_lowers(tok):
     w = token_weights(want).double()
     measured = float((w[:, None] * (got - want).double().pow(2)).sum() / (w[:, None] * (want - rf).double().pow(2)).sum())
     assert measured == pytest.approx(e["error_after"], rel=1e-3)
+
+
+def test_a_strong_ridge_toward_the_current_weights_stays_by_them_and_toward_zero_is_refused(tok):
+    from hf_mlpfusion.calibrate import refit_layer
+
+    m = tiny.model("bert")
+    fam = family_of(m)
+    enc = list(batches(CAL[:16], tok, max_length=128, batch_size=8, model=m))
+    x = capture_mlp_inputs(m, 1, enc)
+    with torch.no_grad():
+        y = mlp_apply(fam, fam.block_list(m)[1], x)
+    got = {}
+    for toward in (True, False):
+        f = fuse(m, FusionConfig(ratio=0.5, layers=[1], seed=0))
+        block = family_of(f).block_list(f)[1]
+        start = family_of(f).read(block).out[0].detach().clone()
+        before, after, kept = refit_layer(family_of(f), block, x, y, ridge=1e6, toward_current=toward)
+        now = family_of(f).read(block).out[0].detach()
+        got[toward] = (kept, after, before, float((now - start).norm() / start.norm()))
+    kept, after, before, moved = got[True]
+    # pulled onto the weights it had, it moves a little, and only to a lower error
+    assert kept and after < before and 0 < moved < 1e-3
+    # pulled toward zero, the solution is nearly zero: worse than what the layer had, so refused
+    kept, after, before, moved = got[False]
+    assert not kept and moved == 0.0
