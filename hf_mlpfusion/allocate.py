@@ -107,7 +107,7 @@ def allocate(model, config: FusionConfig, texts: list[str], tokenizer, *, metric
              max_length: int = 128, batch_size: int = 16, ridge: float = 1e-6,
              progress: Callable[[str], None] | None = None) -> Allocation:
     """Choose the fused width of every layer `config` fuses, under its budget (see the module docstring)."""
-    from .calibrate import batches, float32, mlp_apply, token_weights
+    from .calibrate import batches, float32, mlp_points
     from .fuse import reduce_layers
     from .propagate import run_block, trace
 
@@ -116,9 +116,7 @@ def allocate(model, config: FusionConfig, texts: list[str], tokenizer, *, metric
     blocks = family.block_list(model)
     layers = config.resolve_layers(family.num_layers(model.config))
     mlps = {i: family.read(blocks[i]) for i in layers}
-    uniform = {i: FusionConfig.width_for(_without_widths(config), mlps[i].width, i) for i in layers}
-    budget = sum(uniform.values())
-    cands = {i: candidate_widths(mlps[i].width, uniform[i], config.width_multiple, factors) for i in layers}
+    uniform, budget, cands = plan_candidates(config, {i: m.width for i, m in mlps.items()}, factors)
 
     say(f"reducing {len(layers)} layer(s) at {len({w for c in cands.values() for w in c})} candidate widths")
     reductions: dict[tuple[int, int], Reduction] = {}
@@ -140,37 +138,51 @@ def allocate(model, config: FusionConfig, texts: list[str], tokenizer, *, metric
                     h_cur, _ = run_block(blocks[i], tr, i, h_cur)
                     continue
                 say(f"measuring layer {i} at {len(cands[i])} widths")
-                points = {"x": family.projections(blocks[i])[0][0]}
-                if family.residual_input(blocks[i]) is not None:
-                    points["r"] = family.residual_input(blocks[i])
-                h_cur, got = run_block(blocks[i], tr, i, h_cur, capture=points)
-                x, r = got["x"], got.get("r", got["x"])
-                with torch.no_grad():
-                    y = mlp_apply(family, blocks[i], x).double()
-                    wt = token_weights((y + r.double()).float()).double()
-                act = _plain_act(family.act(blocks[i]))
-                has_bias = family.output_bias(blocks[i]) is not None
-                n = x.shape[0]
-                for w in cands[i]:
-                    red = reductions[(i, w)]
-                    m = red.mlps.map(lambda t: t.double())
-                    with torch.no_grad():
-                        pre = [x.double() @ wi[0].T + (0 if b is None else b[0]) for wi, b in zip(m.ins, m.in_biases)]
-                        h = hidden(m.kind, act, pre)
-                        if red.counts is not None:
-                            h = h * red.counts.double()
-                    A, B, yy = _refit_error(h, y, wt, has_bias, ridge)
-                    lam = ridge * float(A.diagonal().mean().clamp_min(1e-30))
-                    reg = torch.eye(A.shape[0], dtype=A.dtype) * lam
-                    if has_bias:
-                        reg[-1, -1] = 0.0
-                    W = torch.linalg.lstsq(A + reg, B).solution
-                    err = float((W * (A @ W)).sum() - 2 * (W * B).sum() + yy)
-                    errors[i][w] = max(err, 0.0) / n
+                h_cur, got = run_block(blocks[i], tr, i, h_cur, capture=mlp_points(family, blocks[i]))
+                errors[i] = layer_errors(family, blocks[i], got, {w: reductions[(i, w)] for w in cands[i]}, ridge)
     finally:
         model.train(was)
     widths = choose(errors, budget)
     return Allocation(widths, budget, errors, uniform, reductions)
+
+
+def plan_candidates(config: FusionConfig, widths: dict[int, int], factors=DEFAULT_FACTORS):
+    """(layer -> uniform width, the budget, layer -> candidate widths) for layers of `widths` neurons."""
+    uniform = {i: FusionConfig.width_for(_without_widths(config), p, i) for i, p in widths.items()}
+    cands = {i: candidate_widths(widths[i], uniform[i], config.width_multiple, factors) for i in widths}
+    return uniform, sum(uniform.values()), cands
+
+
+def layer_errors(family, block, got: dict[str, torch.Tensor], candidates: dict[int, Reduction],
+                 ridge: float) -> dict[int, float]:
+    """Width -> the error each candidate reduction of `block`'s MLP leaves after the refit, on what
+    `run_block` captured of the original block ("x", "r"; see the module docstring, step 2)."""
+    from .calibrate import mlp_apply, token_weights
+
+    x, r = got["x"], got.get("r", got["x"])
+    with torch.no_grad():
+        y = mlp_apply(family, block, x).double()
+        wt = token_weights((y + r.double()).float()).double()
+    act = _plain_act(family.act(block))
+    has_bias = family.output_bias(block) is not None
+    n = x.shape[0]
+    out = {}
+    for w, red in candidates.items():
+        m = red.mlps.map(lambda t: t.double())
+        with torch.no_grad():
+            pre = [x.double() @ wi[0].T + (0 if b is None else b[0]) for wi, b in zip(m.ins, m.in_biases)]
+            h = hidden(m.kind, act, pre)
+            if red.counts is not None:
+                h = h * red.counts.double()
+        A, B, yy = _refit_error(h, y, wt, has_bias, ridge)
+        lam = ridge * float(A.diagonal().mean().clamp_min(1e-30))
+        reg = torch.eye(A.shape[0], dtype=A.dtype) * lam
+        if has_bias:
+            reg[-1, -1] = 0.0
+        W = torch.linalg.lstsq(A + reg, B).solution
+        err = float((W * (A @ W)).sum() - 2 * (W * B).sum() + yy)
+        out[w] = max(err, 0.0) / n
+    return out
 
 
 def _without_widths(config: FusionConfig) -> FusionConfig:

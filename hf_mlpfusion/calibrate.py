@@ -250,6 +250,31 @@ def capture_mlp_and_residual(model, layer: int, encoded: list[dict]) -> tuple[to
     return x, r
 
 
+def stats_hooks(family: Family, block: nn.Module, stats: MetricStats, mask: Callable[[], torch.Tensor], *,
+                last: bool = False) -> list:
+    """Hooks that add each batch's MLP inputs and pre-activations (the model's own: no second matrix
+    product) at the non-padding tokens of `mask()` to `stats`; with `last`, the pass stops there
+    (`_Stop`). Returns the hook handles."""
+    ins = family.projections(block)[0]
+    pending: dict = {}
+
+    def on_input(module, args):
+        pending.clear()
+        pending["x"] = at_tokens(args[0], mask())
+
+    def on_projection(q):
+        def hook(module, args, out):
+            pending[q] = at_tokens(out, mask())
+            if len(pending) == len(ins) + 1:
+                stats.add(pending.pop("x"), [pending.pop(k) for k in range(len(ins))])
+                if last:
+                    raise _Stop
+        return hook
+
+    return [ins[0].register_forward_pre_hook(on_input)] + \
+        [m.register_forward_hook(on_projection(q)) for q, m in enumerate(ins)]
+
+
 # --- data-aware clustering: input statistics of the original MLPs --------------------------------
 
 
@@ -265,32 +290,13 @@ def data_metrics(model, layers: list[int], texts: list[str], tokenizer, *, max_l
     was_training = model.training
     model.eval()
     mask_box: list[torch.Tensor] = []
-    pending: dict[int, dict] = {}
-
-    def on_input(j):
-        def hook(module, args):
-            pending[j] = {"x": at_tokens(args[0], mask_box[0])}
-        return hook
-
-    def on_projection(j, q, n):
-        def hook(module, args, out):  # the model's own pre-activations: no second matrix product
-            got = pending[j]
-            got[q] = at_tokens(out, mask_box[0])
-            if len(got) == n + 1:
-                del pending[j]
-                stats[j].add(got["x"], [got[k] for k in range(n)])
-                if j == len(layers) - 1:
-                    raise _Stop  # nothing after the last wanted MLP's projections is needed
-        return hook
-
     handles = []
     try:
         with float32(model):
             stats = [MetricStats(family.read(blocks[i]), family.act(blocks[i])) for i in layers]
             for j, i in enumerate(layers):
-                ins = family.projections(blocks[i])[0]
-                handles.append(ins[0].register_forward_pre_hook(on_input(j)))
-                handles += [m.register_forward_hook(on_projection(j, q, len(ins))) for q, m in enumerate(ins)]
+                last = j == len(layers) - 1  # nothing after the last wanted MLP's projections is needed
+                handles += stats_hooks(family, blocks[i], stats[j], lambda: mask_box[0], last=last)
             encoded = batches(texts, tokenizer, max_length=max_length, batch_size=batch_size, model=model, by_length=True)
             run_batches(model, encoded, mask_box)
     finally:
@@ -481,7 +487,7 @@ def calibrate(original, fused, texts: list[str], tokenizer, *, refit: bool = Tru
     }
 
 
-def _mlp_points(family: Family, block: nn.Module) -> dict[str, nn.Module]:
+def mlp_points(family: Family, block: nn.Module) -> dict[str, nn.Module]:
     """The modules whose first input is the MLP's input ("x") and the residual stream ("r")."""
     points = {"x": family.projections(block)[0][0]}
     residual = family.residual_input(block)
@@ -509,44 +515,55 @@ def _calibrate_layers(original, fused, fo, ff, blocks_o, blocks_f, layers, encod
             continue
         say(f"calibrating layer {i} ({layers.index(i) + 1}/{len(layers)})")
         # the original's MLP output at its own inputs comes with the run (hooked, not recomputed)
-        next_o, got_o = run_block(blocks_o[i], tr_o, i, h_o, capture=_mlp_points(fo, blocks_o[i]),
+        next_o, got_o = run_block(blocks_o[i], tr_o, i, h_o, capture=mlp_points(fo, blocks_o[i]),
                                   capture_output={"y": fo.projections(blocks_o[i])[1]})
         if h_f is h_o:  # the first fused layer: both models' inputs, attention included, are the same
             got_f = got_o
         else:
-            _, got_f = run_block(blocks_f[i], tr_f, i, h_f, capture=_mlp_points(ff, blocks_f[i]))
-        x, r_f = got_f["x"], got_f.get("r", got_f["x"])
-        x_o, r_o = (got_o["x"], got_o.get("r", got_o["x"])) if target == "residual" else (x, r_f)
-        tokens = x.shape[0]
-        with torch.no_grad():
-            if target == "residual":
-                y = got_o["y"]
-            else:  # the original MLP on the fused model's inputs
-                y = torch.cat([mlp_apply(fo, blocks_o[i], x[s : s + 8192]).float() for s in range(0, x.shape[0], 8192)])
-            if target == "residual":
-                y = y + (r_o - r_f)
-            w = token_weights(y + r_f) if weighting == "token" else None  # y + r_f: the whole residual sum
-        ref = float(((w.double()[:, None] if w is not None else 1.0) * y.double().pow(2)).sum().clamp_min(1e-30))
-        before = _sq_error(ff, blocks_f[i], x, y, w)  # exact (the normal equations cancel badly near 0)
-        entry = {"layer": i, "error_before": before / ref}
-        after = before
-        if refit:
-            _, after, kept = refit_layer(ff, blocks_f[i], x, y, ridge=ridge, w=w)
-            after = after if kept else before
-            entry["refit_kept"] = kept
-            entry["error_after_refit"] = after / ref
-        if distill_steps:
-            _, after, kept = distill_layer(ff, blocks_f[i], x, y, distill_steps, lr=distill_lr, seed=seed + i, w=w)
-            entry["distill_kept"] = kept
-            entry["error_after_distill"] = after / ref
-            if refit and kept:  # W1' moved: the best W2', b2 for it are one more solve away
-                prior = after
-                _, after, kept = refit_layer(ff, blocks_f[i], x, y, ridge=ridge, w=w)
-                after = after if kept else prior
-                entry["final_refit_kept"] = kept
-        entry["error_after"] = after / ref  # each step returns the exact error of what it kept
+            _, got_f = run_block(blocks_f[i], tr_f, i, h_f, capture=mlp_points(ff, blocks_f[i]))
+        entry = fit_layer(fo, ff, blocks_o[i], blocks_f[i], i, got_o, got_f, refit=refit, distill_steps=distill_steps,
+                          seed=seed, ridge=ridge, distill_lr=distill_lr, target=target, weighting=weighting)
+        tokens = got_f["x"].shape[0]
         report.append(entry)
         h_o = next_o
         if i < max(layers):  # the hidden states after the last calibrated layer are not needed
             h_f = run_block(blocks_f[i], tr_f, i, h_f)[0]  # with the calibrated MLP
     return report, tokens
+
+
+def fit_layer(fo: Family, ff: Family, block_o: nn.Module, block_f: nn.Module, i: int, got_o: dict, got_f: dict, *,
+              refit: bool, distill_steps: int, seed: int, ridge: float, distill_lr: float, target: str,
+              weighting: str) -> dict:
+    """Refit and/or distill fused block `block_f`'s MLP (in place) on what `run_block` captured in the
+    original (`got_o`: "x", "r", "y") and the fused model (`got_f`: "x", "r") at layer i; returns the
+    layer's report entry (see `calibrate`)."""
+    x, r_f = got_f["x"], got_f.get("r", got_f["x"])
+    x_o, r_o = (got_o["x"], got_o.get("r", got_o["x"])) if target == "residual" else (x, r_f)
+    with torch.no_grad():
+        if target == "residual":
+            y = got_o["y"]
+        else:  # the original MLP on the fused model's inputs
+            y = torch.cat([mlp_apply(fo, block_o, x[s : s + 8192]).float() for s in range(0, x.shape[0], 8192)])
+        if target == "residual":
+            y = y + (r_o - r_f)
+        w = token_weights(y + r_f) if weighting == "token" else None  # y + r_f: the whole residual sum
+    ref = float(((w.double()[:, None] if w is not None else 1.0) * y.double().pow(2)).sum().clamp_min(1e-30))
+    before = _sq_error(ff, block_f, x, y, w)  # exact (the normal equations cancel badly near 0)
+    entry = {"layer": i, "error_before": before / ref}
+    after = before
+    if refit:
+        _, after, kept = refit_layer(ff, block_f, x, y, ridge=ridge, w=w)
+        after = after if kept else before
+        entry["refit_kept"] = kept
+        entry["error_after_refit"] = after / ref
+    if distill_steps:
+        _, after, kept = distill_layer(ff, block_f, x, y, distill_steps, lr=distill_lr, seed=seed + i, w=w)
+        entry["distill_kept"] = kept
+        entry["error_after_distill"] = after / ref
+        if refit and kept:  # W1' moved: the best W2', b2 for it are one more solve away
+            prior = after
+            _, after, kept = refit_layer(ff, block_f, x, y, ridge=ridge, w=w)
+            after = after if kept else prior
+            entry["final_refit_kept"] = kept
+    entry["error_after"] = after / ref  # each step returns the exact error of what it kept
+    return entry
