@@ -125,7 +125,8 @@ def test_streaming_writes_the_in_memory_bytes(tmp_path, model_type, head):
     FusionConfig(intermediate_size=10, method="cluster"),
     FusionConfig(ratio=0.25, method="prune", layers="0-1"),
     FusionConfig(ratio=0.25, method="sketch", seed=4),  # its random matrix depends on the batch: in-memory groups
-], ids=["fold", "fold-partial", "cluster", "prune", "sketch"])
+    FusionConfig(ratio=0.5, widths={0: 8, 2: 40}),  # per-layer widths (what --allocate chooses)
+], ids=["fold", "fold-partial", "cluster", "prune", "sketch", "widths"])
 def test_streaming_equals_in_memory_for_every_method(tmp_path, config):
     src = tmp_path / "src"
     tiny.model("gpt2", "GPT2LMHeadModel").save_pretrained(src)

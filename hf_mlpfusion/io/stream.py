@@ -111,7 +111,7 @@ def plan(source_dir: str | Path, config: FusionConfig, *, layers_per_group: int 
     layers = config.resolve_layers(lazy.num_blocks)
     mlps = [family.read(b) for b in family.block_list(model)]  # views of meta tensors: shapes only
     widths_before = [w.width for w in mlps]
-    new_width = {i: config.width_for(widths_before[i]) for i in layers}
+    new_width = {i: config.width_for(widths_before[i], i) for i in layers}
     shape_of = {i: (tuple(mlps[i].ins[0].shape[1:]), new_width[i]) for i in layers}
     groups = plan_groups(layers, shape_of, config.method, layers_per_group)
 
