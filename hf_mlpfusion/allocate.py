@@ -157,7 +157,7 @@ def layer_errors(family, block, got: dict[str, torch.Tensor], candidates: dict[i
                  ridge: float) -> dict[int, float]:
     """Width -> the error each candidate reduction of `block`'s MLP leaves after the refit, on what
     `run_block` captured of the original block ("x", "r"; see the module docstring, step 2)."""
-    from .calibrate import mlp_apply, token_weights
+    from .calibrate import mlp_apply, solve_normal, token_weights
 
     x, r = got["x"], got.get("r", got["x"])
     with torch.no_grad():
@@ -179,7 +179,7 @@ def layer_errors(family, block, got: dict[str, torch.Tensor], candidates: dict[i
         reg = torch.eye(A.shape[0], dtype=A.dtype) * lam
         if has_bias:
             reg[-1, -1] = 0.0
-        W = torch.linalg.lstsq(A + reg, B).solution
+        W = solve_normal(A + reg, B)
         err = float((W * (A @ W)).sum() - 2 * (W * B).sum() + yy)
         out[w] = max(err, 0.0) / n
     return out

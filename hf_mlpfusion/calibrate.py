@@ -77,11 +77,7 @@ class float32:
         self.saved: list[tuple[torch.Tensor, torch.dtype]] = []
 
     def __enter__(self):
-        for m in self.models:
-            for t in list(m.parameters()) + list(m.buffers()):
-                if t.is_floating_point() and t.dtype != torch.float32:
-                    self.saved.append((t, t.dtype))
-                    t.data = t.data.float()
+        self.saved += cast_float32(*self.models)
         return self
 
     def __exit__(self, *exc):
@@ -89,6 +85,18 @@ class float32:
             t.data = t.data.to(dtype)
         self.saved.clear()
         return False
+
+
+def cast_float32(*models) -> list[tuple[torch.Tensor, torch.dtype]]:
+    """The models' floating-point tensors (not those on the meta device) in float32, in place; returns
+    (tensor, its former dtype) of each one cast."""
+    saved = []
+    for m in models:
+        for t in list(m.parameters()) + list(m.buffers()):
+            if t.is_floating_point() and t.dtype != torch.float32 and not t.is_meta:
+                saved.append((t, t.dtype))
+                t.data = t.data.float()
+    return saved
 
 
 def fused_layers(original, fused) -> list[int]:
@@ -332,6 +340,15 @@ def token_weights(s: torch.Tensor) -> torch.Tensor:
     return (w / w.mean()).float()
 
 
+def solve_normal(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """The solution of the (ridge-regularised) normal equations A W = B. LU, not `torch.linalg.lstsq`,
+    which gives different last bits from run to run on the CPU; least squares only when A is singular."""
+    try:
+        return torch.linalg.solve(A, B)
+    except RuntimeError:  # singular even with the ridge
+        return torch.linalg.lstsq(A, B).solution
+
+
 def refit_layer(family: Family, block: nn.Module, x: torch.Tensor, y: torch.Tensor, *, ridge: float = RIDGE,
                 w: torch.Tensor | None = None, chunk: int = 8192, toward_current: bool = False) -> tuple[float, float, bool]:
     """(Weighted) least-squares refit of one fused MLP's output projection and bias, token weights `w`
@@ -369,10 +386,7 @@ def refit_layer(family: Family, block: nn.Module, x: torch.Tensor, y: torch.Tens
     if has_bias:
         reg[-1, -1] = 0.0  # do not shrink the bias
     rhs = B + reg @ old if toward_current else B
-    try:
-        W = torch.linalg.solve(A + reg, rhs)
-    except RuntimeError:  # singular even with the ridge: fall back to least squares
-        W = torch.linalg.lstsq(A + reg, rhs).solution
+    W = solve_normal(A + reg, rhs)
     before, after = err(old), err(W)
     if not (after < before):
         return before, before, False
@@ -444,15 +458,8 @@ def calibrate(original, fused, texts: list[str], tokenizer, *, refit: bool = Tru
     residual sum the target stands for (what the next LayerNorm divides by); `"uniform"`: every token
     alike. Measured on MiniLM layers 2-5 with 300 distillation steps: 0.946 -> 0.950 held-out cosine.
     """
-    if target not in ("residual", "local"):
-        raise InvalidConfigError(f"unknown calibration target {target!r}: use 'residual' or 'local'")
-    if weighting not in ("uniform", "token"):
-        raise InvalidConfigError(f"unknown calibration weighting {weighting!r}: use 'uniform' or 'token'")
+    check_calibration_options(distill_steps=distill_steps, texts=texts, target=target, weighting=weighting)
     say = progress or (lambda msg: None)
-    if distill_steps < 0:
-        raise InvalidConfigError(f"distill steps {distill_steps} is negative: use 0 (off) or more")
-    if not texts:
-        raise InvalidConfigError("calibration needs at least one text sample")
     fo, ff = family_of(original), family_of(fused)
     blocks_o, blocks_f = fo.block_list(original), ff.block_list(fused)
     if len(blocks_o) != len(blocks_f):
@@ -474,8 +481,27 @@ def calibrate(original, fused, texts: list[str], tokenizer, *, refit: bool = Tru
     finally:
         original.train(was_training[0])
         fused.train(was_training[1])
+    return summary(len(texts), tokens, report, refit=refit, target=target, weighting=weighting, ridge=ridge,
+                   distill_steps=distill_steps, distill_lr=distill_lr)
+
+
+def check_calibration_options(*, distill_steps: int, texts: list[str], target: str = "residual",
+                              weighting: str = "token") -> None:
+    if target not in ("residual", "local"):
+        raise InvalidConfigError(f"unknown calibration target {target!r}: use 'residual' or 'local'")
+    if weighting not in ("uniform", "token"):
+        raise InvalidConfigError(f"unknown calibration weighting {weighting!r}: use 'uniform' or 'token'")
+    if distill_steps < 0:
+        raise InvalidConfigError(f"distill steps {distill_steps} is negative: use 0 (off) or more")
+    if not texts:
+        raise InvalidConfigError("calibration needs at least one text sample")
+
+
+def summary(samples: int, tokens: int, report: list[dict], *, refit: bool, target: str, weighting: str, ridge: float,
+            distill_steps: int, distill_lr: float) -> dict:
+    """The JSON-able record of a calibration (the fused config's `mlpfusion.calibration`)."""
     return {
-        "samples": len(texts),
+        "samples": samples,
         "tokens": int(tokens),
         "refit": bool(refit),
         "target": target,
