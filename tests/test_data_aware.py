@@ -109,6 +109,29 @@ def test_data_metrics_match_a_direct_computation(tok):
         assert float(met.out_scale) == pytest.approx(float(s2), rel=1e-6)
 
 
+def test_a_singular_input_covariance_still_gives_a_metric():
+    """Inputs in a subspace (fewer tokens than features, a norm that removes a direction) make E[x x^T]
+    singular, and its rounding can leave an eigenvalue below the ridge (a tiny Qwen2 on 64 samples did:
+    -2e-6 of the mean diagonal), where Cholesky failed with a bare LinAlgError. The metric adds more
+    ridge until it factors, and clusters with it."""
+    from hf_mlpfusion.core.metric import MetricStats
+
+    w1, b1, w2 = _random_mlps(B=1, p=24, d=8)
+    mlp = MLPTensors((w1,), (b1,), w2)
+    stats = MetricStats(mlp, torch.nn.functional.gelu)
+    stats.add(torch.randn(50, 8))
+    q, _ = torch.linalg.qr(torch.randn(9, 9, dtype=torch.float64))
+    eig = torch.tensor([3.0, 2, 1, 1, 1, 0.5, 0.5, 0.2, -2e-5], dtype=torch.float64)  # as rounded
+    stats.xx = (q * eig) @ q.T * stats.n
+    with pytest.raises(torch.linalg.LinAlgError):  # the ridge alone is not enough
+        torch.linalg.cholesky(stats.xx / stats.n + torch.eye(9, dtype=torch.float64) * 1e-6 * 1.02)
+    met = stats.metric()
+    assert torch.isfinite(met.chol).all() and (met.chol.diagonal() > 0).all()
+    red = METHODS["fusion"].reduce(mlp, 6, metric=DataMetric(met.chol[None], met.in_scales[None],
+                                                               met.out_scale[None], met.tokens))
+    assert red.counts.sum() == 24
+
+
 def test_fuse_with_metrics_records_it_and_refuses_baselines_without_clustering(tok):
     m = tiny.model("gpt2", "GPT2LMHeadModel", layers=2)
     metrics = data_metrics(m, [0, 1], CAL, tok)

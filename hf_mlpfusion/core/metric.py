@@ -30,6 +30,9 @@ import torch
 from .mlp import MLPTensors, hidden
 
 
+MAX_JITTER_STEPS = 12
+
+
 @dataclass
 class DataMetric:
     """The statistics of B layers' MLP inputs that define the metric (see the module docstring)."""
@@ -102,8 +105,18 @@ class MetricStats:
     def metric(self) -> DataMetric:
         n = max(self.n, 1)
         S = self.xx / n
-        S = S + torch.eye(S.shape[0], dtype=S.dtype) * (1e-6 * float(S.diagonal().mean().clamp_min(1e-30)))
-        L = torch.linalg.cholesky(S)
+        eye = torch.eye(S.shape[0], dtype=S.dtype)
+        jitter = 1e-6 * float(S.diagonal().mean().clamp_min(1e-30))
+        # inputs confined to a subspace (fewer tokens than features, a norm that removes a direction) make
+        # S singular, and its rounding can leave an eigenvalue below -jitter: add ten times more until it
+        # factors (deterministic: the same S always takes the same steps)
+        for _ in range(MAX_JITTER_STEPS):
+            L, info = torch.linalg.cholesky_ex(S + eye * jitter)
+            if int(info) == 0:
+                break
+            jitter *= 10
+        else:
+            raise ValueError("the MLP inputs' covariance is not finite: the calibration text gives NaN or inf activations")
         s_in = (self.out_norm2[None] * self.grad2 / n).mean(-1).sqrt()  # [m]
         s_out = (self.h2 / n).mean().sqrt()
         return DataMetric(L, s_in, s_out, tokens=self.n)
