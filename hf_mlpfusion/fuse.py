@@ -131,7 +131,8 @@ def fuse(model: PreTrainedModel, config: FusionConfig | None = None, *, source: 
     widths_after, count_layers, stock = fused_shape(widths_before, new_width, reduced)
     meta = fusion_metadata(config, layers, widths_before, widths_after, reduced,
                            source=source if source is not None else str(getattr(model.config, "_name_or_path", "") or ""),
-                           num_parameters_before=count_parameters(model), metrics=metrics)
+                           num_parameters_before=count_parameters(model),
+                           data_tokens=None if metrics is None else max(m.tokens for m in metrics.values()))
 
     say("building the fused model")
     fused = build_fused(model, family, {i: r for i, r in reduced.items()}, widths_after, count_layers, meta,
@@ -152,8 +153,9 @@ def fused_shape(widths_before: list[int], new_width: dict[int, int],
 
 def fusion_metadata(config: FusionConfig, layers: list[int], widths_before: list[int], widths_after: list[int],
                     reduced: dict[int, Reduction], *, source: str, num_parameters_before: int,
-                    metrics: dict[int, DataMetric] | None = None) -> dict:
-    """The `mlpfusion` entry of the fused config.json (`num_parameters_after` is added once the model is built)."""
+                    data_tokens: int | None = None) -> dict:
+    """The `mlpfusion` entry of the fused config.json (`num_parameters_after` is added once the model is built);
+    `data_tokens`: the number of tokens data-aware clustering measured its statistics on (None: data-free)."""
     # a local folder by its name only (no absolute path in the output); a Hub id is also the base model
     source_model, base_model = source_identity(source)
     meta = {
@@ -165,7 +167,7 @@ def fusion_metadata(config: FusionConfig, layers: list[int], widths_before: list
         "fold_scale": config.fold_scale,
         "width_multiple": config.width_multiple,
         "kmeans": _resolved_kmeans_options(config) if config.method in DATA_AWARE_METHODS else None,
-        "clustering": (("data-aware" if metrics is not None else "data-free")
+        "clustering": (("data-aware" if data_tokens is not None else "data-free")
                        if config.method in DATA_AWARE_METHODS else None),
         "source_model": source_model,
         "base_model": base_model,
@@ -175,8 +177,8 @@ def fusion_metadata(config: FusionConfig, layers: list[int], widths_before: list
         "num_parameters_before": num_parameters_before,
         "inertia": [None if reduced[i].inertia is None else float(reduced[i].inertia) for i in layers],
     }
-    if metrics is not None:
-        meta["clustering_tokens"] = int(max(m.tokens for m in metrics.values()))
+    if data_tokens is not None:
+        meta["clustering_tokens"] = int(data_tokens)
     if config.extra:
         meta["options"] = {k: v for k, v in config.extra.items() if isinstance(v, (int, float, str, bool))}
     return meta

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch import nn
@@ -54,12 +55,13 @@ def _run_body(model: nn.Module, batch: dict, device) -> None:
     body(**kwargs)
 
 
-def trace(model: nn.Module, family: Family, encoded: list[dict]) -> Trace:
-    """Record every block's inputs for every batch without running any block (see the module docstring)."""
+def trace(model: nn.Module, family: Family, encoded: list[dict], device=None) -> Trace:
+    """Record every block's inputs for every batch without running any block (see the module docstring),
+    with the batches on `device` (default: where the model's first parameter is)."""
     blocks = family.block_list(model)
     n = len(blocks)
     t = Trace([], [[] for _ in range(n)], [[] for _ in range(n)], [])
-    device = next(model.parameters()).device
+    device = device if device is not None else next(model.parameters()).device
     # what a block returns (tensor or tuple): ask the first block once, on the first batch
     first = {}
 
@@ -114,10 +116,12 @@ def at_tokens(t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 def run_block(block: nn.Module, trace_: Trace, i: int, hidden: list[torch.Tensor],
               capture: dict[str, nn.Module] | None = None,
-              capture_output: dict[str, nn.Module] | None = None) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+              capture_output: dict[str, nn.Module] | None = None,
+              hooks: Callable[[Callable[[], torch.Tensor]], list] | None = None) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
     """Block i on `hidden` (one tensor per batch): its outputs, and the first input of each module in
     `capture` (the output of each module in `capture_output`) at the non-padding tokens ([N, d]
-    float32 on the CPU, batches concatenated)."""
+    float32 on the CPU, batches concatenated). `hooks(mask)` may register more hooks for the run
+    (`mask()`: the running batch's attention mask) and returns their handles."""
     got: dict[str, list[torch.Tensor]] = {name: [] for name in (*(capture or {}), *(capture_output or {}))}
     mask_box: list[torch.Tensor] = []
     handles = []
@@ -129,6 +133,8 @@ def run_block(block: nn.Module, trace_: Trace, i: int, hidden: list[torch.Tensor
         handles.append(module.register_forward_pre_hook(lambda mod, args, name=name: keep(name, args[0])))
     for name, module in (capture_output or {}).items():
         handles.append(module.register_forward_hook(lambda mod, args, out, name=name: keep(name, out)))
+    if hooks is not None:
+        handles += hooks(lambda: mask_box[0])
     outs = []
     try:
         with torch.no_grad():

@@ -159,7 +159,7 @@ def test_compress_turns_data_aware_clustering_on_with_calibration(source, tmp_pa
                  calibration_samples=16)
     meta = json.loads((a.output / "config.json").read_text())["mlpfusion"]
     assert meta["clustering"] == "data-aware" and meta["calibration"]["samples"] == 16
-    assert "statistics" in a.seconds
+    assert meta["clustering_tokens"] > 0
     card = (a.output / "README.md").read_text()
     assert "| Clustering | data-aware" in card and "| Calibration | refit: yes" in card
     shown = " ".join(CliRunner().invoke(app, ["info", str(a.output)]).output.split())

@@ -48,7 +48,7 @@ def compress(
     quiet: QuietFlag = False,
     version: VersionFlag = None,
     max_shard_size: Annotated[str, typer.Option("--max-shard-size", help="Largest weights file (5GB, 500MB, ...): bigger checkpoints are split into model-0000i-of-0000n.safetensors shards with an index, as save_pretrained does.")] = "5GB",
-    streaming: Annotated[Optional[bool], typer.Option("--streaming/--in-memory", metavar="", help="Fuse a layer at a time, never holding the whole model (default: whenever it applies: data-free, safetensors that load as they are), or load the whole model. Same bytes either way. Under torchrun / accelerate launch the processes share the layers.", show_default=False)] = None,
+    streaming: Annotated[Optional[bool], typer.Option("--streaming/--in-memory", metavar="", help="Fuse (and calibrate) a layer at a time, never holding the whole model (default: whenever it applies: safetensors that load as they are), or load the whole model. Same bytes either way. Under torchrun / accelerate launch the processes share the layers (data-free only).", show_default=False)] = None,
 ) -> None:
     """Fuse the MLPs of a transformers checkpoint (BERT, RoBERTa, DistilBERT, GPT-2, Llama, Mistral, Qwen, ...) and save a smaller one."""
     from hf_mlpfusion.compress import compress as run_compress

@@ -6,6 +6,7 @@
     reader              SafetensorsSource (a tensor at a time) and LazyModel (a meta-device model whose
                         blocks load from the files on demand: load_block(i) / release_block(i))
     stream              the streaming compress: plan on the meta device, copy, fuse a group at a time, finish
+    layerwise           the calibrated compress a block at a time: trace, (measure,) fuse + calibrate + write
     distributed         sharing the layer groups among processes (torchrun / accelerate launch)
 
 Both compress paths write through `ShardedWriter`, so they give the same bytes.

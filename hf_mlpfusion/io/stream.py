@@ -102,11 +102,13 @@ def plan_groups(layers: list[int], shape_of: dict[int, tuple], method: str, laye
     return groups + ([run] if run else [])
 
 
-def plan(source_dir: str | Path, config: FusionConfig, *, layers_per_group: int = DEFAULT_LAYERS_PER_GROUP) -> StreamPlan:
-    """Plan a streaming compress of `source_dir`; NotStreamable if its files cannot be streamed exactly."""
+def plan(source_dir: str | Path, config: FusionConfig, *, layers_per_group: int = DEFAULT_LAYERS_PER_GROUP,
+         lazy: LazyModel | None = None) -> StreamPlan:
+    """Plan a streaming compress of `source_dir` (opened as `lazy` when given); NotStreamable if its files
+    cannot be streamed exactly."""
     if layers_per_group < 1:
         raise InvalidConfigError(f"layers per group must be at least 1, got {layers_per_group}")
-    lazy = LazyModel(source_dir)
+    lazy = lazy if lazy is not None else LazyModel(source_dir)
     family, model = lazy.family, lazy.model
     layers = config.resolve_layers(lazy.num_blocks)
     mlps = [family.read(b) for b in family.block_list(model)]  # views of meta tensors: shapes only
@@ -193,11 +195,7 @@ def write_weights(p: StreamPlan, folder: Path, workers: Workers, *, max_shard_si
         try:
             if r == 0:  # the unchanged tensors first, while the other processes cluster their first groups
                 t0 = time.perf_counter()
-                say(f"copying {len(p.copy_keys)} unchanged tensors")
-                for k in p.copy_keys:
-                    tensor = p.lazy.source.get(p.lazy.file_key[k])
-                    check_tensor_finite(k, tensor, str(p.lazy.source.folder.name))
-                    writer.write(k, tensor)
+                copy_unchanged(p, writer, say)
                 seconds["copy"] += time.perf_counter() - t0
             t0 = time.perf_counter()
             say(f"clustering layer(s) {', '.join(str(i) for g in batch for i in g)} of {len(p.layers)} "
@@ -228,6 +226,15 @@ def write_weights(p: StreamPlan, folder: Path, workers: Workers, *, max_shard_si
     return info
 
 
+def copy_unchanged(p: StreamPlan, writer: ShardedWriter, say: Callable[[str], None]) -> None:
+    """Every output tensor fusion leaves as it is, from the source files to its shard, one at a time."""
+    say(f"copying {len(p.copy_keys)} unchanged tensors")
+    for k in p.copy_keys:
+        tensor = p.lazy.source.get(p.lazy.file_key[k])
+        check_tensor_finite(k, tensor, str(p.lazy.source.folder.name))
+        writer.write(k, tensor)
+
+
 def _message(err: BaseException) -> str:
     return f"{type(err).__name__}: {err}"
 
@@ -250,7 +257,7 @@ def serve(p: StreamPlan, workers: Workers, device: str) -> BaseException | None:
     return None
 
 
-def finish_config(p: StreamPlan, info: dict[int, tuple], *, source: str) -> dict:
+def finish_config(p: StreamPlan, info: dict[int, tuple], *, source: str, data_tokens: int | None = None) -> dict:
     """The fused model's `mlpfusion` metadata, set on the meta model's config (as `fuse` sets it)."""
     counted = [i for i in p.layers if info[i][1]]
     if counted != p.count_layers:
@@ -259,7 +266,7 @@ def finish_config(p: StreamPlan, info: dict[int, tuple], *, source: str) -> dict
     widths_after = [p.new_width.get(i, w) for i, w in enumerate(p.widths_before)]
     reduced = {i: Reduction(None, None, info[i][0]) for i in p.layers}
     meta = fusion_metadata(p.config, p.layers, p.widths_before, widths_after, reduced, source=source,
-                           num_parameters_before=count_parameters(p.lazy.model))
+                           num_parameters_before=count_parameters(p.lazy.model), data_tokens=data_tokens)
     meta["num_parameters_after"] = count_parameters(p.fused)
     p.fused.config.mlpfusion = meta
     return meta
@@ -317,26 +324,36 @@ def try_streaming(source_dir: str | Path, config: FusionConfig, output: str | Pa
                   data_free: bool = True, source: str, overwrite: bool = False,
                   progress: Callable[[str], None] | None = None, repo_id: str | None = None,
                   max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
-                  layers_per_group: int = DEFAULT_LAYERS_PER_GROUP, base_model: str | None = None):
+                  layers_per_group: int = DEFAULT_LAYERS_PER_GROUP, base_model: str | None = None,
+                  calibration=None):
     """`compress()`'s streaming branch: a `CompressResult` when it streamed, None when the in-memory path must run.
 
-    `streaming=None` (default) streams whenever it can (data-free, and the files are exactly what the
-    model loads) and otherwise logs one line saying why; `True` insists (an error instead of the
-    in-memory path); `False` never streams. Under several processes streaming is the only path.
+    `streaming=None` (default) streams whenever it can (the files are exactly what the model loads) and
+    otherwise logs one line saying why; `True` insists (an error instead of the in-memory path); `False`
+    never streams. Under several processes streaming is the only path. A compress that is not
+    `data_free` streams a block at a time with its `calibration` (`layerwise.Calibration`), in one process.
     """
+    from .layerwise import check_layerwise, compress_layerwise
+
     parse_shard_size(max_shard_size)  # a bad size or device fails now, not after the copying
     resolve_device(config.device)
     workers = Workers.from_env()
     try:
         reason = None
+        t0 = time.perf_counter()
         if streaming is False:
             reason = "--in-memory was asked for"
-        elif not data_free:
-            reason = "calibration and data-aware clustering need the whole model in memory"
+        elif not data_free and calibration is None:
+            reason = "calibration and data-aware clustering need the calibration text"
+        elif not data_free and workers.world_size > 1:
+            reason = "calibration runs block after block, in one process"
         else:
-            t0 = time.perf_counter()
             try:
-                p = plan(source_dir, config, layers_per_group=layers_per_group)
+                if data_free:
+                    p = plan(source_dir, config, layers_per_group=layers_per_group)
+                else:
+                    check_layerwise(config)
+                    lazy = LazyModel(source_dir)
             except UnreadableCheckpoint:
                 return None  # the loader says what is wrong with the file, in its own words
             except NotStreamable as err:
@@ -345,10 +362,14 @@ def try_streaming(source_dir: str | Path, config: FusionConfig, output: str | Pa
             if streaming or workers.world_size > 1:
                 why = "several processes share only a streaming compress" if workers.world_size > 1 else "--streaming"
                 raise InvalidConfigError(f"cannot stream this compress ({why}): {reason}")
-            if streaming is None and data_free:
+            if streaming is None:
                 logger.warning(f"note: compressing in memory, not streaming: {reason}")
             return None
         seconds = {"load": time.perf_counter() - t0}
+        if not data_free:
+            return compress_layerwise(Path(source_dir), config, Path(output), calibration, source=source, lazy=lazy,
+                                      overwrite=overwrite, progress=progress, repo_id=repo_id,
+                                      max_shard_size=max_shard_size, base_model=base_model, seconds=seconds)
         return compress_streaming(p, Path(source_dir), Path(output), source=source, overwrite=overwrite,
                                   progress=progress, repo_id=repo_id, max_shard_size=max_shard_size,
                                   workers=workers, seconds=seconds, base_model=base_model)

@@ -1,0 +1,294 @@
+"""Calibrated compress a block at a time: statistics, allocation, fusion and calibration, never the whole model.
+
+The in-memory calibrated compress loads the model, measures the MLP inputs (`calibrate.data_metrics`),
+measures each layer at candidate widths (`allocate`), fuses a copy of the whole model and calibrates
+it against the original (`calibrate`): two models in memory. Every one of those steps is layer by
+layer already (`propagate`), so here they run one block at a time from the source files (`LazyModel`):
+
+    trace   the embeddings (and whatever else runs outside the blocks) are loaded, in float32, for
+            `propagate.trace`, which records every block's arguments; then they are released;
+    measure (only with `--allocate`) block by block, the original block runs on the stored hidden
+            states; at a fused layer its MLP input statistics give the data metric, the layer is
+            reduced at the candidate widths and each candidate's error after refit is measured
+            (`allocate.layer_errors`); the widths are then chosen for all layers (`allocate.choose`);
+    fuse    block by block again: the original block runs (statistics, MLP input, residual and output
+            hooked); at a fused layer the MLP is reduced (`reduce_layers`) at its width, the fused block
+            is built from the original's other tensors and the reduction, calibrated (`calibrate.fit_layer`),
+            run to give the next fused layer its inputs, and its new MLP tensors are written; both blocks
+            are then released.
+
+Every tensor fusion leaves unchanged is copied from the source files first, as the data-free streaming
+compress does (`stream.copy_unchanged`). The arithmetic is the in-memory path's own: the same functions,
+the same batches in the same order, float32 blocks built from the source dtype as `float32` builds
+them, so the output is byte for byte the in-memory path's (tests/test_layerwise.py). Memory: the
+calibration activations (the hidden states of both models at one layer boundary, and one layer's
+MLP inputs, residuals and outputs at the tokens) plus two blocks and one layer's k-means.
+
+With allocation the k-means of each layer's chosen width runs twice (measure, then fuse) rather than
+keeping every candidate reduction of every layer, which would grow with the model.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..allocate import Allocation, choose, layer_errors, plan_candidates
+from ..calibrate import (DISTILL_LR, RIDGE, batches, cast_float32, check_calibration_options, fit_layer, mlp_points,
+                         stats_hooks, summary)
+from ..checks import check_tensor_finite
+from ..config import FusionConfig
+from ..core.metric import MetricStats
+from ..families import family_of
+from ..fuse import reduce_layers, reduction_entries
+from ..propagate import run_block, trace
+from .reader import LazyModel, NotStreamable
+from .stream import BATCH_INDEPENDENT, StreamPlan, copy_unchanged, finish_config, plan
+from .writer import DEFAULT_MAX_SHARD_SIZE, ShardedWriter
+
+
+@dataclasses.dataclass
+class Calibration:
+    """What a calibrated compress is asked to do with its text (see `compress.compress`)."""
+
+    texts: list[str]
+    tokenizer: object
+    refit: bool = True
+    distill_steps: int = 0
+    data_aware: bool = True
+    allocate: bool = False
+    text_name: str = "builtin"  # the card's record of the text: "builtin" or the file's name
+    max_length: int = 128
+    batch_size: int = 16
+
+
+class _Blocks:
+    """The source's blocks, one at a time, in float32 and checked for NaN/inf when loaded."""
+
+    def __init__(self, lazy: LazyModel):
+        self.lazy = lazy
+        self.where = str(lazy.source.folder.name)
+
+    def load(self, i: int):
+        block = self.lazy.load_block(i)
+        for key, t in block.state_dict().items():
+            check_tensor_finite(f"{self.lazy.block_names[i]}.{key}", t, self.where)
+        cast_float32(block)
+        return block
+
+    def release(self, i: int) -> None:
+        self.lazy.release_block(i)
+
+
+def _outside_names(lazy: LazyModel) -> list[str]:
+    """The tensors outside the blocks that the base model's forward pass uses (not a separate head)."""
+    model = lazy.model
+    base = model.base_model
+    prefix = "" if base is model else f"{model.base_model_prefix}."
+    return [n for n in lazy.outside_blocks() if not prefix or n.startswith(prefix)]
+
+
+def _trace(lazy: LazyModel, blocks: _Blocks, encoded: list[dict]):
+    """`propagate.trace` of the source with only what runs outside the blocks loaded (and block 0,
+    which the trace runs once to learn what a block returns), in float32; released after."""
+    names = _outside_names(lazy)
+    lazy.load(names)
+    state = lazy.model.state_dict()
+    for n in names:
+        check_tensor_finite(n, state[n], blocks.where)
+    del state
+    cast_float32(lazy.model)
+    blocks.load(0)
+    try:
+        return trace(lazy.model, lazy.family, encoded, device="cpu")
+    finally:
+        blocks.release(0)
+        lazy.release(names)
+
+
+def _metric_run(family, block, data_aware: bool):
+    """(MetricStats of the block's MLP or None, the `hooks` argument of run_block that fills it)."""
+    if not data_aware:
+        return None, None
+    stats = MetricStats(family.read(block), family.act(block))
+    return stats, (lambda mask: stats_hooks(family, block, stats, mask))
+
+
+def measure(lazy: LazyModel, blocks: _Blocks, tr, config: FusionConfig, layers: list[int], data_aware: bool,
+            say: Callable[[str], None]) -> Allocation:
+    """Allocation a block at a time (see the module docstring): the same errors as `allocate.allocate`."""
+    family = lazy.family
+    widths = {i: family.read(lazy.block(i)).width for i in layers}  # shapes of the meta tensors
+    uniform, budget, cands = plan_candidates(config, widths)
+    errors: dict[int, dict[int, float]] = {}
+    h = tr.hidden
+    for i in range(max(layers) + 1):
+        block = blocks.load(i)
+        if i not in widths:
+            h, _ = run_block(block, tr, i, h)
+            blocks.release(i)
+            continue
+        say(f"measuring layer {i} at {len(cands[i])} widths")
+        stats, hooks = _metric_run(family, block, data_aware)
+        h, got = run_block(block, tr, i, h, capture=mlp_points(family, block), hooks=hooks)
+        metrics = {i: stats.metric()} if stats is not None else None
+        reds = {w: reduce_layers({i: family.read(block)}, {i: w}, config, metrics)[i] for w in cands[i]}
+        errors[i] = layer_errors(family, block, got, reds, RIDGE)
+        del reds, got
+        blocks.release(i)
+    return Allocation(choose(errors, budget), budget, errors, uniform)
+
+
+def fuse_and_calibrate(p: StreamPlan, blocks: _Blocks, tr, cal: Calibration, writer: ShardedWriter, *,
+                       seed: int, say: Callable[[str], None]) -> tuple[dict[int, tuple], list[dict], int, int | None]:
+    """The fuse pass (see the module docstring); writes every fused layer's MLP tensors.
+    Returns (layer -> (inertia, counted), the calibration report, its tokens, the statistics' tokens)."""
+    lazy, family, layers = p.lazy, p.lazy.family, p.layers
+    ff = family_of(p.fused)
+    fused_blocks = ff.block_list(p.fused)
+    info: dict[int, tuple] = {}
+    report: list[dict] = []
+    tokens, data_tokens = 0, None
+    h_o = tr.hidden
+    h_f = h_o  # identical until the first fused layer
+    for i in range(max(layers) + 1):
+        block_o = blocks.load(i)
+        if i not in p.new_width:
+            next_o, _ = run_block(block_o, tr, i, h_o)
+            h_f = next_o if h_f is h_o and i < min(layers) else run_block(block_o, tr, i, h_f)[0]
+            h_o = next_o
+            blocks.release(i)
+            continue
+        say(f"fusing and calibrating layer {i} ({layers.index(i) + 1}/{len(layers)})")
+        stats, hooks = _metric_run(family, block_o, cal.data_aware)
+        next_o, got_o = run_block(block_o, tr, i, h_o, capture=mlp_points(family, block_o),
+                                  capture_output={"y": family.projections(block_o)[1]}, hooks=hooks)
+        metrics = {i: stats.metric()} if stats is not None else None
+        if metrics is not None:
+            data_tokens = metrics[i].tokens if data_tokens is None else max(data_tokens, metrics[i].tokens)
+        red = reduce_layers({i: family.read(block_o)}, {i: p.new_width[i]}, p.config, metrics)[i]
+        info[i] = (None if red.inertia is None else float(red.inertia), red.counts is not None)
+        block_f = _fused_block(p, i, block_o, red, fused_blocks[i])
+        del red
+        if h_f is h_o:  # the first fused layer: both models' inputs, attention included, are the same
+            got_f = got_o
+        else:
+            _, got_f = run_block(block_f, tr, i, h_f, capture=mlp_points(ff, block_f))
+        report.append(fit_layer(family, ff, block_o, block_f, i, got_o, got_f, refit=cal.refit,
+                                distill_steps=cal.distill_steps, seed=seed, ridge=RIDGE, distill_lr=DISTILL_LR,
+                                target="residual", weighting="token"))
+        tokens = got_f["x"].shape[0]
+        del got_o, got_f
+        h_o = next_o
+        if i < max(layers):  # the hidden states after the last calibrated layer are not needed
+            h_f = run_block(block_f, tr, i, h_f)[0]  # with the calibrated MLP
+        prefix = f"{lazy.block_names[i]}."
+        state = block_f.state_dict()
+        for key in p.fused_keys[i]:
+            value = state[key[len(prefix):]].detach()
+            value = value.to(lazy.dtype) if value.is_floating_point() else value  # back to the source's dtype
+            check_tensor_finite(key, value, blocks.where, fused=True)
+            writer.write(key, value)
+        del block_f, state
+        blocks.release(i)
+    return info, report, tokens, data_tokens
+
+
+def _fused_block(p: StreamPlan, i: int, block_o, red, meta_block):
+    """Fused block i, in float32: the original block's other tensors and the reduction's MLP, rounded to
+    the source dtype first, as the in-memory path builds the fused model in that dtype and then calibrates
+    it in float32."""
+    lazy, family = p.lazy, p.lazy.family
+    prefix = f"{lazy.block_names[i]}."
+    entries = reduction_entries(family, lazy.block_names[i], block_o, red)
+    state = {k: v.detach() for k, v in block_o.state_dict().items()}
+    for key, value in entries.items():
+        state[key[len(prefix):]] = value.to(lazy.dtype).float() if value.is_floating_point() else value
+    block = copy.deepcopy(meta_block)
+    block.load_state_dict(state, strict=True, assign=True)
+    _copy_meta_buffers(block_o, block)
+    block.eval()
+    return block
+
+
+def _copy_meta_buffers(src: torch.nn.Module, dst: torch.nn.Module) -> None:
+    """Non-persistent buffers (not in the state dict) that the meta-built block lacks, from the original block."""
+    modules = dict(dst.named_modules())
+    for name, buf in src.named_buffers():
+        mod_name, _, leaf = name.rpartition(".")
+        target = modules.get(mod_name)
+        if target is not None and leaf in target._buffers and target._buffers[leaf] is not None \
+                and target._buffers[leaf].is_meta:
+            target._buffers[leaf] = buf.detach()
+
+
+def check_layerwise(config: FusionConfig) -> None:
+    if config.method not in BATCH_INDEPENDENT:
+        raise NotStreamable(f"the {config.method} method reduces the layers of one shape together")
+
+
+def compress_layerwise(source_dir: Path, config: FusionConfig, output: Path, cal: Calibration, *, source: str,
+                       lazy: LazyModel, overwrite: bool = False, progress: Callable[[str], None] | None = None,
+                       repo_id: str | None = None, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+                       base_model: str | None = None, seconds: dict | None = None):
+    """A calibrated compress a block at a time (see the module docstring); returns a `CompressResult`."""
+    from .. import compress as pipeline
+
+    say = progress or (lambda msg: None)
+    seconds = seconds if seconds is not None else {}
+    check_calibration_options(distill_steps=cal.distill_steps, texts=cal.texts)
+    layers = config.resolve_layers(lazy.num_blocks)
+    blocks = _Blocks(lazy)
+    encoded = list(batches(cal.texts, cal.tokenizer, max_length=cal.max_length, batch_size=cal.batch_size,
+                           model=lazy.model, by_length=True))
+    t0 = time.perf_counter()
+    tr = _trace(lazy, blocks, encoded)
+    allocation = None
+    if cal.allocate:
+        say("measuring each layer at candidate widths (allocation)")
+        allocation = measure(lazy, blocks, tr, config, layers, cal.data_aware, say)
+        config = dataclasses.replace(config, widths=allocation.widths)
+        seconds["allocate"] = time.perf_counter() - t0
+    p = plan(source_dir, config, lazy=lazy)
+    say(f"calibrating on {len(cal.texts)} samples, a layer at a time")
+
+    def write(tmp: Path) -> None:
+        t1 = time.perf_counter()
+        writer = ShardedWriter(tmp, p.specs, max_shard_size=max_shard_size, total_parameters=p.fused.num_parameters())
+        copy_unchanged(p, writer, say)
+        info, report, tokens, data_tokens = fuse_and_calibrate(p, blocks, tr, cal, writer, seed=config.seed, say=say)
+        writer.close()
+        seconds["fuse+calibrate"] = time.perf_counter() - t1
+        t1 = time.perf_counter()
+        meta = finish_config(p, info, source=source, data_tokens=data_tokens)
+        if allocation is not None:
+            meta["allocation"] = allocation.summary()
+        if base_model is not None:
+            meta["base_model"] = base_model
+        meta["calibration"] = summary(len(cal.texts), tokens, report, refit=cal.refit, target="residual",
+                                      weighting="token", ridge=RIDGE, distill_steps=cal.distill_steps,
+                                      distill_lr=DISTILL_LR)
+        meta["calibration"]["text"] = cal.text_name
+        pipeline.save_fused(p.fused, tmp, source_dir=source_dir, repo_id=repo_id, weights=False)
+        seconds["save"] = time.perf_counter() - t1
+
+    try:
+        pipeline.atomic_save(write, output, overwrite=overwrite)
+    finally:
+        lazy.source.close()
+    meta = p.fused.config.mlpfusion
+    return pipeline.CompressResult(
+        output=output, model=p.fused, source=source,
+        widths_before=list(meta["widths_before"]), widths_after=list(meta["widths_after"]),
+        layers=list(meta["layers"]), hidden_size=lazy.family.hidden_size(lazy.model.config),
+        parameters_before=meta["num_parameters_before"], parameters_after=meta["num_parameters_after"],
+        inertia=list(meta["inertia"]), seconds=seconds,
+    )
+
+
+__all__ = ["Calibration", "check_layerwise", "compress_layerwise", "fuse_and_calibrate", "measure"]
