@@ -216,7 +216,8 @@ def _solve_group(x_orig, k, R, max_iter, tol, refine, u_first, u_trials, out_dty
         xo = xo.float() if xo.dtype in (torch.float32, torch.bfloat16, torch.float16) else xo.double()
         x_np = xo.contiguous().numpy()
         xg_np = np.empty((G, n, dim), dtype=np.float32)
-        _parallel(lambda g: K.center(x_np[g], xg_np[g]), G)
+        means = np.empty((G, dim))
+        _parallel(lambda g: (K.column_means(x_np[g], means[g]), K.center_rows(x_np[g], means[g], xg_np[g])), G)
         xg = torch.from_numpy(xg_np)
     else:
         xo = x_orig.to(device=dev)
