@@ -198,6 +198,7 @@ def write_weights(p: StreamPlan, folder: Path, workers: Workers, *, max_shard_si
                     tensor = p.lazy.source.get(p.lazy.file_key[k])
                     check_tensor_finite(k, tensor, str(p.lazy.source.folder.name))
                     writer.write(k, tensor)
+                tensor = None  # the last one (often the output embedding, 131 MB) would stay for the whole fuse
                 seconds["copy"] += time.perf_counter() - t0
             t0 = time.perf_counter()
             say(f"clustering layer(s) {', '.join(str(i) for g in batch for i in g)} of {len(p.layers)} "
