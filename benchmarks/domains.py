@@ -2,7 +2,8 @@
 
     python benchmarks/domains.py --model minilm --grid default      # the settings of the README table
     python benchmarks/domains.py --model minilm --grid matrix       # single sources and leave-one-out
-    python benchmarks/domains.py --model smollm2 --grid default
+    python benchmarks/domains.py --model smollm2 --grid smollm2 --held 64
+    python benchmarks/domains.py --model smollm2 --grid smollm2-matrix --held 64   # leave-one-out, single sources
     python benchmarks/domains.py --model smollm2 --timing           # compress time and peak memory
 
 Models: the real all-MiniLM-L6-v2 (score: mean cosine of the model's pooled, normalised embeddings to
@@ -172,8 +173,12 @@ def grid(model_name: str, name: str, n_layers: int) -> list[dict]:
                     if alloc:
                         s.update(allocate=True, multiple=8)
                     out.append(s)
+    elif name == "smollm2-matrix":  # SmolLM2: the mix without each source (rows 0-4), each source alone (5-9)
+        for spec in [f"builtin:-{src}" for src in MIX] + [f"builtin:{src}" for src in MIX]:
+            out.append({"method": "fusion", "layers": all_layers, "ratio": 0.5, "calibration": spec,
+                        "samples": SAMPLES})
     else:
-        raise SystemExit(f"unknown grid {name!r}: default or matrix")
+        raise SystemExit(f"unknown grid {name!r}: default, smollm2, matrix or smollm2-matrix")
     return out
 
 

@@ -62,9 +62,12 @@ def reduce_layers(weights: dict[int, MLPTensors], widths: dict[int, int], config
     out: dict[int, Reduction] = {}
     for (_, k), idx in sorted(groups.items()):
         # stacked in the weights' dtype, then cast once: the same numbers as casting each layer, fewer copies
-        # (none at all for one float32 layer: the methods never write into their input)
+        # (none at all for one float32 layer: the methods never write into their input). Methods that
+        # take any dtype get no float32 copy of the layers at all: they cast into their own buffers.
         parts = [weights[i].map(lambda t: t.detach()) for i in idx]
-        mlps = (parts[0] if len(parts) == 1 else stack(parts)).map(lambda t: t.float())
+        mlps = parts[0] if len(parts) == 1 else stack(parts)
+        if not method.any_dtype:
+            mlps = mlps.map(lambda t: t.float())
         del parts
         kwargs = dict(config.extra)
         if metrics is not None:

@@ -140,6 +140,29 @@ def test_gated_sub_mlp_vector_is_gate_row_up_row_down_column():
     assert r.in_biases == (None, None) and r.kind == GATED
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_fusion_on_the_weights_dtype_equals_fusion_on_float32_copies(dtype):
+    """fusion takes the layers in their own dtype (no float32 copy of the layers in reduce_layers):
+    the same float32 sub-MLP vectors, so the same clustering and centres, bit for bit."""
+    from hf_mlpfusion.methods import METHODS
+
+    g = torch.Generator().manual_seed(2)
+    for biased in (True, False):
+        ins = (torch.randn(2, 40, 8, generator=g).to(dtype), torch.randn(2, 40, 8, generator=g).to(dtype))
+        mlp = MLPTensors(ins[:1] if biased else ins, (torch.randn(2, 40, generator=g).to(dtype),) if biased else
+                         (None, None), torch.randn(2, 8, 40, generator=g).to(dtype), "linear" if biased else GATED)
+        as_f32 = mlp.map(lambda t: t.float())
+        z = sub_mlp_vectors(mlp, torch.float32)
+        assert z.dtype == torch.float32 and torch.equal(z, sub_mlp_vectors(as_f32))
+        for name in ("fusion", "cluster"):
+            assert METHODS[name].any_dtype
+            a = METHODS[name].reduce(mlp, 10, seed=3, device="cpu")
+            b = METHODS[name].reduce(as_f32, 10, seed=3, device="cpu")
+            assert torch.equal(a.labels, b.labels) and torch.equal(a.inertia, b.inertia)
+            for ta, tb in zip(a.mlps.parts(), b.mlps.parts()):
+                assert ta.dtype == torch.float32 and torch.equal(ta, tb)
+
+
 def test_fusing_a_fused_or_unsupported_model_is_a_clear_error():
     from hf_mlpfusion.errors import UnsupportedArchitectureError
 

@@ -288,6 +288,33 @@ def test_blocked_gram_is_symmetric_and_batch_independent(n, monkeypatch):
         assert np.array_equal(single[low], gb[b][low])
 
 
+@pytest.mark.parametrize("n,dim,G", [(50, 17, 3), (1000, 33, 2), (777, 64, 1)])
+@pytest.mark.parametrize("max_bytes", [1, 3 * 96 * 33 * 4, 1 << 40])
+def test_panelled_gram_equals_the_gram_of_the_whole_centred_copy(n, dim, G, max_bytes, monkeypatch):
+    monkeypatch.setattr(km, "_GRAM_BLOCK", 96)  # several blocks, uneven at n = 50, 777 and 1000
+    x = (torch.randn(G, n, dim) * 3 + 1).numpy()
+    means = np.empty((G, dim))
+    centred = np.empty_like(x)
+    for g in range(G):
+        K.column_means(x[g], means[g])
+        K.center_rows(x[g], means[g], centred[g])
+    assert np.array_equal(centred, (x - means[:, None]).astype(np.float32))  # one rounding per entry
+    whole = km._gram(torch.from_numpy(centred)).numpy()
+    panelled = km._gram_centred(x, means, max_bytes).numpy()
+    low = np.tril(np.ones((n, n), dtype=bool))
+    for g in range(G):  # the lower triangle is what the solver reads (mirror_lower copies it up)
+        assert np.array_equal(panelled[g][low], whole[g][low])
+
+
+def test_panelled_centring_does_not_change_the_answer(monkeypatch):
+    x = torch.randn(2, 1000, 40)  # three Gram blocks of ~333 rows
+    whole = kmeans(x, 200, device="cpu", n_init=2, max_iter=2)
+    monkeypatch.setattr(km, "_CENTRED_BYTES", 1)  # one block per panel
+    panelled = kmeans(x, 200, device="cpu", n_init=2, max_iter=2)
+    assert torch.equal(panelled.labels, whole.labels) and torch.equal(panelled.centers, whole.centers)
+    assert torch.equal(panelled.inertia, whole.inertia)
+
+
 def test_cluster_sums_are_the_gram_space_quantities():
     g_ = torch.Generator().manual_seed(4)
     x = torch.randn(90, 7, generator=g_, dtype=torch.float64)

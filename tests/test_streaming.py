@@ -362,3 +362,12 @@ def test_lazy_model_opens_a_fused_checkpoint_block_by_block(tmp_path):
     lazy.load_outside_blocks()
     with lazy.blocks_on_demand():
         assert tiny.max_diff(tiny.outputs(ref, "GPT2LMHeadModel"), tiny.outputs(lazy.model, "GPT2LMHeadModel")) == 0.0
+
+
+def test_release_freed_memory_early_sets_the_mmap_threshold_only_on_glibc():
+    import platform
+
+    from hf_mlpfusion.io.stream import release_freed_memory_early
+
+    glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+    assert release_freed_memory_early() is glibc

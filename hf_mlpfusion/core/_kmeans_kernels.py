@@ -433,17 +433,23 @@ def solve_run(gram, k, dim, u_first, u_trials, max_iter, tol, refine, rel_tol, m
 
 
 @_jit()
-def center(x, out):
-    """``out`` (float32) = ``x`` [n, dim] minus its float64 column means (summed in index order)."""
+def column_means(x, mean):
+    """``mean`` (float64) [dim] = the column means of ``x`` [n, dim], summed in index order."""
     n, dim = x.shape
-    mean = np.zeros(dim)
+    mean[:] = 0.0
     for i in range(n):
         xi = x[i]
         for d in range(dim):
             mean[d] += xi[d]
     for d in range(dim):
         mean[d] /= n
-    for i in range(n):
+
+
+@_jit()
+def center_rows(x, mean, out):
+    """``out`` (float32) = the rows ``x`` [m, dim] minus ``mean`` (float64 [dim]), rounded once."""
+    m, dim = x.shape
+    for i in range(m):
         xi = x[i]
         oi = out[i]
         for d in range(dim):

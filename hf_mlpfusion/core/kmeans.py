@@ -51,6 +51,11 @@ DEFAULT_CPU_CHUNK_BYTES = 2 << 30
 #: Rows per block of the Gram matrix (only blocks on and below the diagonal are computed): 384
 #: was among the fastest of 256-1024 for n = 1536 and 3072 (docs/kmeans.md).
 _GRAM_BLOCK = 384
+#: On the CPU the centred rows the Gram products read are held a panel of blocks at a time, at most
+#: this many bytes for the group (``_gram_centred``), not as a second copy of the whole input. A
+#: Llama-shaped layer (n = 5632, dim = 6144: 138 MB centred) then holds 3 blocks (28 MB) and a scratch
+#: block (9 MB); its Gram took the same time, 1.4-1.5 s, with one panel, 64 MiB or 32 MiB panels.
+_CENTRED_BYTES = 32 << 20
 #: A Hartigan move must gain more than this times (|x|^2 + the point's cost), well above float64
 #: rounding of the sums and about the float32 rounding of the Gram entries.
 _REL_TOL = 1e-7
@@ -189,8 +194,9 @@ def _finish(res: KMeansResult, single: bool) -> KMeansResult:
 def _bytes_per_problem(n: int, dim: int, k: int, r: int) -> int:
     """Peak working memory of one problem in ``_solve_group``, in bytes (float32 = 4 bytes).
 
-    x read as float64 (when it is not float32), its centred float32 copy, the Gram matrix and a
-    block of it, and per restart the float64 cluster sums ``[k, n]``, the float64 centres and a
+    x read as float64 (when it is not float32), its centred float32 rows (at most
+    ``_CENTRED_BYTES`` of them for the group on the CPU, all of them on CUDA; counted whole here), the Gram matrix
+    and a block of it, and per restart the float64 cluster sums ``[k, n]``, the float64 centres and a
     few length-n vectors.
     """
     floats = 3 * n * dim + n * n + _GRAM_BLOCK ** 2 + r * (2 * n * k + 2 * k * dim + 16 * n)
@@ -215,14 +221,14 @@ def _solve_group(x_orig, k, R, max_iter, tol, refine, u_first, u_trials, out_dty
         # float32 holds bfloat16 / float16 exactly; anything else is read as float64
         xo = xo.float() if xo.dtype in (torch.float32, torch.bfloat16, torch.float16) else xo.double()
         x_np = xo.contiguous().numpy()
-        xg_np = np.empty((G, n, dim), dtype=np.float32)
-        _parallel(lambda g: K.center(x_np[g], xg_np[g]), G)
-        xg = torch.from_numpy(xg_np)
+        means = np.empty((G, dim))
+        _parallel(lambda g: K.column_means(x_np[g], means[g]), G)
+        gram = _gram_centred(x_np, means)
     else:
         xo = x_orig.to(device=dev)
         xg = (xo.double() - xo.double().mean(1, keepdim=True)).float()
-    gram = _gram(xg)
-    del xg
+        gram = _gram(xg)
+        del xg
     gram_np = gram.numpy() if on_cpu else gram.cpu().numpy()
     del gram
     _parallel(lambda g: K.mirror_lower(gram_np[g]), G)
@@ -257,6 +263,8 @@ def _solve_group(x_orig, k, R, max_iter, tol, refine, u_first, u_trials, out_dty
     else:
         lab = lab.to(dev)
         cen64, inertia = _exact_stats_torch(xo.double(), lab, k)
+    if R == 1:  # no copy of the float64 centres to pick the only restart
+        return lab[:, 0].clone(), cen64[:, 0].to(out_dtype), inertia[:, 0].clone(), n_iter, n_moves
     best = inertia.argmin(1)  # first minimum: deterministic
     g = torch.arange(G, device=inertia.device)
     return (lab[g, best].clone(), cen64[g, best].to(out_dtype), inertia[g, best].clone(),
@@ -290,6 +298,12 @@ def _parallel(fn, count):
         return list(pool.map(fn, range(count)))
 
 
+def _gram_edges(n):
+    """Row boundaries of the Gram blocks: ~``_GRAM_BLOCK`` rows each, depending only on n."""
+    nb = max(1, round(n / _GRAM_BLOCK))
+    return [n * i // nb for i in range(nb + 1)]
+
+
 def _gram(x):
     """Gram matrices [G, n, n] of x [G, n, dim] (on x's device); only the lower triangle is valid.
 
@@ -300,16 +314,54 @@ def _gram(x):
     the same matrix in any batch.
     """
     G, n, dim = x.shape
-    nb = max(1, round(n / _GRAM_BLOCK))
+    edges = _gram_edges(n)
+    nb = len(edges) - 1
     if nb == 1:
         return torch.bmm(x, x.transpose(1, 2))
-    edges = [n * i // nb for i in range(nb + 1)]
     out = torch.empty(G, n, n, dtype=x.dtype, device=x.device)
     for bi in range(nb):
         i0, i1 = edges[bi], edges[bi + 1]
         for bj in range(bi + 1):
             j0, j1 = edges[bj], edges[bj + 1]
             out[:, i0:i1, j0:j1] = torch.bmm(x[:, i0:i1], x[:, j0:j1].transpose(1, 2))
+    return out
+
+
+def _gram_centred(x_np, means, max_bytes=None):
+    """``_gram`` of the centred float32 rows ``x_np - means`` (x_np [G, n, dim], means float64 [G, dim]),
+    bit for bit, without a centred copy of the whole group: the rows are centred a panel of Gram blocks
+    at a time (at most ``max_bytes``, default ``_CENTRED_BYTES``, or one block), and the blocks left of
+    a panel once more, one at a time, into a scratch block. Each block product is the one ``_gram``
+    computes, on the same float32 values (``_kmeans_kernels.center_rows`` rounds each entry once)."""
+    from . import _kmeans_kernels as K
+
+    G, n, dim = x_np.shape
+    edges = _gram_edges(n)
+    nb = len(edges) - 1
+    row_bytes = 4 * G * dim
+    budget = _CENTRED_BYTES if max_bytes is None else max_bytes
+    per_panel = max(1, min(nb, budget // max(1, row_bytes * max(edges[i + 1] - edges[i] for i in range(nb)))))
+
+    def centred(r0, r1, out=None):
+        out = np.empty((G, r1 - r0, dim), dtype=np.float32) if out is None else out[:, : r1 - r0]
+        _parallel(lambda g: K.center_rows(x_np[g, r0:r1], means[g], out[g]), G)
+        return torch.from_numpy(out)
+
+    if per_panel >= nb:  # the whole group fits: one centred copy, as ``_gram`` takes it
+        return _gram(centred(0, n))
+    out = torch.empty(G, n, n, dtype=torch.float32)
+    scratch = np.empty((G, max(edges[i + 1] - edges[i] for i in range(nb)), dim), dtype=np.float32)
+    for p0 in range(0, nb, per_panel):
+        p1 = min(nb, p0 + per_panel)
+        r0 = edges[p0]
+        panel = centred(r0, edges[p1])
+        for bj in range(p1):
+            j0, j1 = edges[bj], edges[bj + 1]
+            xj = panel[:, j0 - r0 : j1 - r0] if bj >= p0 else centred(j0, j1, scratch)
+            for bi in range(max(bj, p0), p1):
+                i0, i1 = edges[bi], edges[bi + 1]
+                out[:, i0:i1, j0:j1] = torch.bmm(panel[:, i0 - r0 : i1 - r0], xj.transpose(1, 2))
+        del panel
     return out
 
 

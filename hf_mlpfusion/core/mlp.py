@@ -100,9 +100,20 @@ def unstack(mlps: MLPTensors) -> list[MLPTensors]:
     return [mlps.map(lambda t, j=j: t[j : j + 1]) for j in range(mlps.batch)]
 
 
-def sub_mlp_vectors(mlps: MLPTensors) -> torch.Tensor:
-    """[B, p, D]: one sub-MLP vector per neuron (see the module docstring)."""
-    return torch.cat(mlps.parts(), dim=-1)
+def sub_mlp_vectors(mlps: MLPTensors, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """[B, p, D]: one sub-MLP vector per neuron (see the module docstring).
+
+    With `dtype`, the vectors are cast part by part into one tensor of that dtype: the same values
+    as casting the parts first and concatenating, without a cast copy of every part."""
+    parts = mlps.parts()
+    if dtype is None:
+        return torch.cat(parts, dim=-1)
+    out = torch.empty(*parts[0].shape[:-1], sum(t.shape[-1] for t in parts), dtype=dtype, device=parts[0].device)
+    at = 0
+    for t in parts:
+        out[..., at : at + t.shape[-1]].copy_(t)
+        at += t.shape[-1]
+    return out
 
 
 def split_vectors(z: torch.Tensor, like: MLPTensors) -> MLPTensors:

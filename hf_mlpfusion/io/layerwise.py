@@ -48,7 +48,7 @@ from ..families import family_of
 from ..fuse import reduce_layers, reduction_entries
 from ..propagate import run_block, trace
 from .reader import LazyModel, NotStreamable
-from .stream import BATCH_INDEPENDENT, StreamPlan, copy_unchanged, finish_config, plan
+from .stream import BATCH_INDEPENDENT, StreamPlan, copy_unchanged, finish_config, plan, release_freed_memory_early
 from .writer import DEFAULT_MAX_SHARD_SIZE, ShardedWriter
 
 
@@ -241,6 +241,7 @@ def compress_layerwise(source_dir: Path, config: FusionConfig, output: Path, cal
 
     say = progress or (lambda msg: None)
     seconds = seconds if seconds is not None else {}
+    release_freed_memory_early()
     check_calibration_options(distill_steps=cal.distill_steps, texts=cal.texts)
     layers = config.resolve_layers(lazy.num_blocks)
     blocks = _Blocks(lazy)

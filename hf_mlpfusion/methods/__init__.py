@@ -32,14 +32,17 @@ class Method:
     reduce: Callable[..., Reduction]
     data_aware: bool = False  # whether its clustering can use a data metric
     description: str = ""  # one line for the model card
+    # whether `reduce` takes the MLPs in the weights' own dtype (and computes in float32 itself, exactly
+    # as on float32 copies): then `fuse.reduce_layers` does not make a float32 copy of every layer first
+    any_dtype: bool = False
 
 
 METHODS: dict[str, Method] = {}
 
 
 def register_method(name: str, reduce: Callable[..., Reduction], *, data_aware: bool = False,
-                    description: str = "") -> None:
-    METHODS[name] = Method(name, reduce, data_aware, description)
+                    description: str = "", any_dtype: bool = False) -> None:
+    METHODS[name] = Method(name, reduce, data_aware, description, any_dtype)
 
 
 from . import cluster, fusion, prune, sketch  # noqa: E402,F401  (each registers itself)

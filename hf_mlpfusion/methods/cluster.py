@@ -26,6 +26,6 @@ def reduce(mlps: MLPTensors, k: int, *, seed: int = 0, device="auto", kmeans_opt
     return Reduction(scale_output(m, s), None, fused.inertia, fused.labels)
 
 
-register_method("cluster", reduce, data_aware=True,
+register_method("cluster", reduce, data_aware=True, any_dtype=True,
                 description="k-means clustering of the sub-MLPs with sqrt(cluster size) folded into the weights "
                             "(the reference code's `cluster` baseline)")

@@ -22,17 +22,17 @@ from . import Reduction, register_method
 
 def reduce(mlps: MLPTensors, k: int, *, seed: int = 0, device="auto", kmeans_options: dict | None = None,
            metric: DataMetric | None = None, **extra) -> Reduction:
-    z = sub_mlp_vectors(mlps).float()
+    z = sub_mlp_vectors(mlps, torch.float32)  # the layers may come in their own dtype (any_dtype below)
     opts = {key: v for key, v in (kmeans_options or {}).items() if v is not None}
     if metric is None:
         res = kmeans(z, k, seed=seed, device=device, **opts)
         centers = res.centers.to(device=z.device, dtype=torch.float32)
     else:
-        res = kmeans(metric_vectors(mlps, metric), k, seed=seed, device=device, **opts)
+        res = kmeans(metric_vectors(mlps.map(lambda t: t.float()), metric), k, seed=seed, device=device, **opts)
         centers = cluster_means(z, res.labels.to(z.device), k).float()
     labels = res.labels.to(z.device)
     return Reduction(split_vectors(centers, mlps), cluster_sizes(labels, k).float(), res.inertia.cpu().double(), labels)
 
 
-register_method("fusion", reduce, data_aware=True,
+register_method("fusion", reduce, data_aware=True, any_dtype=True,
                 description="MLP fusion: k-means clustering of the sub-MLPs, centroids with a frozen count vector")
