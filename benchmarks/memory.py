@@ -235,7 +235,7 @@ def calibrated_source(name: str) -> Path:
     return src
 
 
-def bench_calibrated(names: list[str], repeat: int, samples: int) -> dict:
+def bench_calibrated(names: list[str], repeat: int, samples: int, paths=("streaming", "in-memory")) -> dict:
     rows = []
     for name in names:
         src = calibrated_source(name)
@@ -243,17 +243,17 @@ def bench_calibrated(names: list[str], repeat: int, samples: int) -> dict:
         spec = CALIBRATED[name]
         extra = ["--calibration", "builtin", "--calibration-samples", str(samples)]
         with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
-            runs = {"streaming": [], "in-memory": []}
+            runs = {p: [] for p in paths}
             for r in range(repeat):
-                for mode in (("streaming", "in-memory") if r % 2 == 0 else ("in-memory", "streaming")):
+                for mode in (list(runs) if r % 2 == 0 else list(runs)[::-1]):
                     res = run_measured(compress_cmd(src, Path(tmp) / mode, spec["layers"], mode, spec["ratio"], extra))
                     if res["rc"] != 0:
                         raise SystemExit(f"{name} {mode} failed:\n{res['stderr']}")
                     runs[mode].append(res)
                     print(f"  {name} {mode}: peak {gb(res['peak_rss'])} ({res['peak_rss'] / size:.2f}x), "
                           f"{res['wall_s']:.1f} s", flush=True)
-            identical = same_bytes(Path(tmp) / "streaming", Path(tmp) / "in-memory")
-            cfg = json.loads((Path(tmp) / "streaming" / "config.json").read_text())
+            identical = same_bytes(Path(tmp) / "streaming", Path(tmp) / "in-memory") if len(runs) == 2 else None
+            cfg = json.loads((Path(tmp) / list(runs)[0] / "config.json").read_text())
             tokens = cfg["mlpfusion"]["calibration"]["tokens"]
             hidden = cfg.get("hidden_size") or cfg.get("n_embd")
         for mode, rs in runs.items():
@@ -274,7 +274,7 @@ def print_calibrated(result: dict) -> None:
         act = r["tokens"] * r["hidden"] * 4
         print(f"| {r['checkpoint']} | {gb(r['size'])} | {r['layers']}, {r['ratio_arg']} | {r['samples']} ({r['tokens']:,}) | "
               f"{r['mode']} | {gb(r['peak_rss'])} ({runs}) | **{r['ratio']:.2f}x** | {gb(act)} | {r['wall_s']:.1f} s | "
-              f"{'yes' if r['identical'] else 'NO'} |")
+              f"{'-' if r['identical'] is None else 'yes' if r['identical'] else 'NO'} |")
 
 
 # ------------------------------------------------------------------------------------------ limit
@@ -427,6 +427,8 @@ def main(argv=None) -> None:
     ap.add_argument("--calibrated", nargs="*", default=list(CALIBRATED), choices=list(CALIBRATED),
                     help="checkpoints of the calibrated run")
     ap.add_argument("--samples", type=int, default=256, help="calibration samples of the calibrated run")
+    ap.add_argument("--paths", nargs="+", default=["streaming", "in-memory"], choices=["streaming", "in-memory"],
+                    help="paths of the calibrated run")
     ap.add_argument("--limit-checkpoint", default="llama-6gb", choices=list(CHECKPOINTS))
     ap.add_argument("--repeat", type=int, default=1, help="runs per path and checkpoint (alternating order)")
     ap.add_argument("--limit", default="3.5GB", help="memory limit of the limit run (below the checkpoint's size)")
@@ -444,7 +446,7 @@ def main(argv=None) -> None:
         result["memory"] = bench_memory(args.only, args.repeat)
         print_memory(result["memory"])
     if args.what in ("calibrated", "all"):
-        result["calibrated"] = bench_calibrated(args.calibrated, args.repeat, args.samples)
+        result["calibrated"] = bench_calibrated(args.calibrated, args.repeat, args.samples, args.paths)
         print_calibrated(result["calibrated"])
     if args.what in ("limit", "all"):
         from huggingface_hub.serialization._base import parse_size_to_int

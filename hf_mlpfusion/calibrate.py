@@ -317,7 +317,7 @@ def data_metrics(model, layers: list[int], texts: list[str], tokenizer, *, max_l
 # --- the two steps on one layer -----------------------------------------------------------------
 
 
-def _sq_error(family: Family, block, x, y, w: torch.Tensor | None = None, chunk: int = 8192) -> float:
+def _sq_error(family: Family, block, x, y, w: torch.Tensor | None = None, chunk: int = 2048) -> float:
     """sum_t w_t ||f'(x_t) - y_t||^2 (w = 1 when None)."""
     total = 0.0
     dtype = mlp_dtype(family, block)

@@ -483,6 +483,10 @@ def compress(model_id: str | None = None, config: FusionConfig | None = None, ou
     guarded = source_dir if gguf is None else (gguf.parent if Path(model_id).expanduser().is_dir() else None)
     target = check_output(output, overwrite, source=guarded)
     seconds = {}
+    if streaming is not False:  # before the calibration text is read: a heap that has grown and been freed
+        from .io.stream import release_freed_memory_early  # serves later blocks from its holes (docs/scale.md)
+
+        release_freed_memory_early()
 
     t0 = time.perf_counter()
     texts = tokenizer = metrics = None

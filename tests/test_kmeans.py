@@ -526,3 +526,46 @@ def test_peak_memory_is_bounded_by_the_budget():
                          text=True, check=True, timeout=120)
     m = json.loads(out.stdout.strip().splitlines()[-1])
     assert m["peak_growth"] < 2 * m["per_problem"] + (8 << 20), m
+
+
+def test_cluster_means_in_row_blocks_equal_one_float64_sum(monkeypatch):
+    """The CPU cluster sums convert a block of rows to float64 at a time: the same bits as one
+    index_add_ over the whole float64 copy, for any block size and input dtype."""
+    from hf_mlpfusion.core import kmeans as km
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 301, 37, generator=g) * torch.logspace(-3, 3, 37)
+    labels = torch.randint(0, 17, (2, 301), generator=g)
+    want = torch.zeros(2, 17, 37, dtype=torch.float64)
+    for b in range(2):
+        want[b].index_add_(0, labels[b], x[b].double())
+    counts = torch.zeros(2, 17, dtype=torch.float64).scatter_add_(1, labels, torch.ones(2, 301, dtype=torch.float64))
+    want = want / counts.clamp(min=1)[..., None]
+    for rows in (1, 7, 300, 10_000):
+        monkeypatch.setattr(km, "_SUM_BLOCK_BYTES", 8 * 37 * rows)
+        assert torch.equal(km.cluster_means(x, labels, 17), want)
+    assert torch.equal(km.cluster_means(x.bfloat16(), labels, 17), km.cluster_means(x.bfloat16().float(), labels, 17))
+
+
+def test_metric_vectors_part_by_part_equal_the_concatenation():
+    from hf_mlpfusion.core.metric import DataMetric, metric_vectors
+    from hf_mlpfusion.core.mlp import MLPTensors
+
+    g = torch.Generator().manual_seed(4)
+    B, p, d = 2, 40, 6
+    for biased, m in ((True, 1), (False, 2)):  # a linear pair with biases, a gated MLP without
+        ins = tuple(torch.randn(B, p, d, generator=g) for _ in range(m))
+        bs = tuple((torch.randn(B, p, generator=g) if biased else None) for _ in range(m))
+        mlp = MLPTensors(ins, bs, torch.randn(B, d, p, generator=g), kind="gated" if m == 2 else "linear")
+        e = d + int(biased)
+        a = torch.randn(B, e, e, generator=g, dtype=torch.float64)
+        met = DataMetric(torch.linalg.cholesky(a @ a.transpose(1, 2) + torch.eye(e, dtype=torch.float64)),
+                         torch.rand(B, m, generator=g) + 0.5, torch.rand(B, generator=g) + 0.5)
+        parts = []
+        for j, (w, b) in enumerate(zip(mlp.ins, mlp.in_biases)):
+            rows = w.double() if b is None else torch.cat([w, b.unsqueeze(-1)], dim=-1).double()
+            parts.append((rows @ met.chol) * met.in_scales[:, j].double()[:, None, None])
+        parts.append(mlp.out.transpose(-1, -2).double() * met.out_scale.double()[:, None, None])
+        assert torch.equal(metric_vectors(mlp, met), torch.cat(parts, dim=-1).float())
+        assert torch.equal(metric_vectors(mlp.map(lambda t: t.bfloat16()), met),
+                           metric_vectors(mlp.map(lambda t: t.bfloat16().float()), met))

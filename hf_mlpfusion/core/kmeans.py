@@ -59,6 +59,8 @@ _CENTRED_BYTES = 32 << 20
 #: A Hartigan move must gain more than this times (|x|^2 + the point's cost), well above float64
 #: rounding of the sums and about the float32 rounding of the Gram entries.
 _REL_TOL = 1e-7
+#: Rows of the input converted to float64 at a time by the CPU cluster sums.
+_SUM_BLOCK_BYTES = 32 << 20
 
 
 @dataclass
@@ -182,7 +184,7 @@ def cluster_means(x: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor
     """Float64 means [B, k, dim] of the points x [B, n, dim] in each of the k clusters of labels [B, n]
     (deterministic on every device; an empty cluster's mean is 0)."""
     labels = labels.to(x.device)
-    return _means64(x.double(), labels.unsqueeze(1), k)[:, 0]
+    return _means64(x, labels.unsqueeze(1), k)[:, 0]
 
 
 def _finish(res: KMeansResult, single: bool) -> KMeansResult:
@@ -378,7 +380,7 @@ def _fill_empty(labels, dist, k):
 
 
 def _means64(x64, labels, k):
-    """Float64 centres [G, R, k, dim] of x64 [G, n, dim] for labels [G, R, n]."""
+    """Float64 centres [G, R, k, dim] of x64 [G, n, dim] (any float dtype) for labels [G, R, n]."""
     sums = _sums64(x64, labels, k)
     G, R, n = labels.shape
     counts = torch.zeros(G, R, k, dtype=torch.float64, device=x64.device)
@@ -392,10 +394,14 @@ def _sums64(x, labels, k):
     dim = x.shape[-1]
     out = torch.zeros(G, R, k, dim, dtype=torch.float64, device=x.device)
     if x.device.type == "cpu":
+        # a block of rows at a time in float64 (no float64 copy of the whole input); index_add_ adds the
+        # rows in order, so the sums are the ones of one call on all rows (tests/test_kmeans.py)
+        step = max(1, _SUM_BLOCK_BYTES // (8 * max(dim, 1)))
         for g in range(G):
-            xg = x[g].double()
-            for r in range(R):
-                out[g, r].index_add_(0, labels[g, r], xg)
+            for s in range(0, n, step):
+                xg = x[g, s : s + step].double()
+                for r in range(R):
+                    out[g, r].index_add_(0, labels[g, r, s : s + step], xg)
     else:  # one-hot matmul: no atomics, so the same sums every time
         for g in range(G):
             onehot = torch.zeros(R, k, n, dtype=torch.float64, device=x.device)

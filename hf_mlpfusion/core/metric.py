@@ -51,17 +51,27 @@ def stack_metrics(metrics: list[DataMetric]) -> DataMetric:
 
 
 def metric_vectors(mlps: MLPTensors, metric: DataMetric) -> torch.Tensor:
-    """The sub-MLP vectors in the data metric's space: [B, p, D'] (see the module docstring)."""
+    """The sub-MLP vectors in the data metric's space: [B, p, D'] float32 (see the module docstring).
+
+    Each part is computed in float64 and rounded into its columns of the result, so only one part's
+    float64 products exist at a time (not all of them and their concatenation)."""
     dev = mlps.out.device
     L = metric.chol.to(device=dev, dtype=torch.float64)
-    parts = []
+    B, p = mlps.out.shape[0], mlps.out.shape[-1]
+    widths = [w.shape[-1] + int(b is not None) for w, b in zip(mlps.ins, mlps.in_biases)] + [mlps.out.shape[-2]]
+    out = torch.empty(B, p, sum(widths), dtype=torch.float32, device=dev)
+    c = 0
     for j, (w, b) in enumerate(zip(mlps.ins, mlps.in_biases)):
-        rows = w.double() if b is None else torch.cat([w, b.unsqueeze(-1)], dim=-1).double()
+        rows = w.double() if b is None else torch.cat([w.double(), b.double().unsqueeze(-1)], dim=-1)
         s = metric.in_scales[:, j].to(device=dev, dtype=torch.float64)[:, None, None]
-        parts.append((rows @ L) * s)
+        part = rows @ L
+        del rows
+        out[..., c : c + widths[j]] = part.mul_(s)
+        c += widths[j]
+        del part
     s_out = metric.out_scale.to(device=dev, dtype=torch.float64)[:, None, None]
-    parts.append(mlps.out.transpose(-1, -2).double() * s_out)
-    return torch.cat(parts, dim=-1).float()
+    out[..., c:] = mlps.out.transpose(-1, -2).double().mul_(s_out)
+    return out
 
 
 class MetricStats:

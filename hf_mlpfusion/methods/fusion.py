@@ -28,7 +28,7 @@ def reduce(mlps: MLPTensors, k: int, *, seed: int = 0, device="auto", kmeans_opt
         res = kmeans(z, k, seed=seed, device=device, **opts)
         centers = res.centers.to(device=z.device, dtype=torch.float32)
     else:
-        res = kmeans(metric_vectors(mlps.map(lambda t: t.float()), metric), k, seed=seed, device=device, **opts)
+        res = kmeans(metric_vectors(mlps, metric), k, seed=seed, device=device, **opts)
         centers = cluster_means(z, res.labels.to(z.device), k).float()
     labels = res.labels.to(z.device)
     return Reduction(split_vectors(centers, mlps), cluster_sizes(labels, k).float(), res.inertia.cpu().double(), labels)
