@@ -483,8 +483,8 @@ def compress(model_id: str | None = None, config: FusionConfig | None = None, ou
     guarded = source_dir if gguf is None else (gguf.parent if Path(model_id).expanduser().is_dir() else None)
     target = check_output(output, overwrite, source=guarded)
     seconds = {}
-    if streaming is not False:  # before the calibration text is read: a heap that has grown and been freed
-        from .io.stream import release_freed_memory_early  # serves later blocks from its holes (docs/scale.md)
+    if streaming is not False and calibration is None and not distill_steps:  # data-free: set before anything
+        from .io.stream import release_freed_memory_early  # grows the heap, whose holes would serve later layers
 
         release_freed_memory_early()
 

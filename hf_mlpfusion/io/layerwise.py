@@ -48,7 +48,7 @@ from ..families import family_of
 from ..fuse import reduce_layers, reduction_entries
 from ..propagate import run_block, trace
 from .reader import LazyModel, NotStreamable
-from .stream import BATCH_INDEPENDENT, StreamPlan, copy_unchanged, finish_config, plan, release_freed_memory_early
+from .stream import BATCH_INDEPENDENT, StreamPlan, copy_unchanged, finish_config, plan, return_freed_memory
 from .writer import DEFAULT_MAX_SHARD_SIZE, ShardedWriter
 
 
@@ -83,6 +83,7 @@ class _Blocks:
 
     def release(self, i: int) -> None:
         self.lazy.release_block(i)
+        return_freed_memory()
 
 
 def _outside_names(lazy: LazyModel) -> list[str]:
@@ -241,7 +242,6 @@ def compress_layerwise(source_dir: Path, config: FusionConfig, output: Path, cal
 
     say = progress or (lambda msg: None)
     seconds = seconds if seconds is not None else {}
-    release_freed_memory_early()
     check_calibration_options(distill_steps=cal.distill_steps, texts=cal.texts)
     layers = config.resolve_layers(lazy.num_blocks)
     blocks = _Blocks(lazy)

@@ -296,6 +296,23 @@ def release_freed_memory_early() -> bool:
         return False
 
 
+def return_freed_memory() -> None:
+    """On glibc, give the pages of freed heap memory back to the system now (`malloc_trim`); elsewhere nothing.
+
+    The block-by-block calibration calls it after each block: it keeps the resident size at what is live
+    (0.73 GB over 12 Llama-shaped blocks, against 1.0 -> 2.0 GB without) at none of the cost of a fixed
+    mmap threshold, which doubled calibration time on MiniLM (17-20 s -> 33-36 s) by mapping and
+    faulting in every large temporary afresh."""
+    import ctypes
+    import platform
+
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        try:
+            ctypes.CDLL(None).malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
+
+
 def compress_streaming(p: StreamPlan, source_dir: Path, output: Path, *, source: str, overwrite: bool = False,
                        progress: Callable[[str], None] | None = None, repo_id: str | None = None,
                        max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, workers: Workers | None = None,
