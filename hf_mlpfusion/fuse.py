@@ -228,7 +228,7 @@ def build_fused(model: PreTrainedModel, family: Family, reduced: dict[int, Reduc
             f"internal mismatch while building {cls.__name__}: missing {result.missing_keys[:5]}, "
             f"unexpected {result.unexpected_keys[:5]}; please report this with the model's config.json"
         )
-    _copy_non_persistent_buffers(model, fused)
+    copy_non_persistent_buffers(model, fused)
     fused.tie_weights()
     _check_materialised(fused)
     if getattr(model, "generation_config", None) is not None and getattr(fused, "generation_config", None) is not None:
@@ -272,12 +272,14 @@ def _fused_state_dict(model, family: Family, reduced: dict[int, Reduction]) -> d
     return state
 
 
-def _copy_non_persistent_buffers(src: torch.nn.Module, dst: torch.nn.Module) -> None:
+def copy_non_persistent_buffers(src: torch.nn.Module, dst: torch.nn.Module) -> None:
+    """The buffers `dst` (built on the meta device) still has on the meta device, from `src` (buffers outside
+    the state dict, which loading it does not fill)."""
     dst_modules = dict(dst.named_modules())
     for name, buf in src.named_buffers():
         mod_name, _, leaf = name.rpartition(".")
         target = dst_modules.get(mod_name)
-        if target is not None and leaf in target._buffers and target._buffers[leaf].is_meta:
+        if target is not None and target._buffers.get(leaf) is not None and target._buffers[leaf].is_meta:
             target._buffers[leaf] = buf.detach().clone()
 
 

@@ -45,7 +45,7 @@ from ..checks import check_tensor_finite
 from ..config import FusionConfig
 from ..core.metric import MetricStats
 from ..families import family_of
-from ..fuse import reduce_layers, reduction_entries
+from ..fuse import copy_non_persistent_buffers, reduce_layers, reduction_entries
 from ..propagate import run_block, trace
 from .reader import LazyModel, NotStreamable
 from .stream import BATCH_INDEPENDENT, StreamPlan, copy_unchanged, finish_config, plan, return_freed_memory
@@ -212,20 +212,9 @@ def _fused_block(p: StreamPlan, i: int, block_o, red, meta_block):
         state[key[len(prefix):]] = value.to(lazy.dtype).float() if value.is_floating_point() else value
     block = copy.deepcopy(meta_block)
     block.load_state_dict(state, strict=True, assign=True)
-    _copy_meta_buffers(block_o, block)
+    copy_non_persistent_buffers(block_o, block)
     block.eval()
     return block
-
-
-def _copy_meta_buffers(src: torch.nn.Module, dst: torch.nn.Module) -> None:
-    """Non-persistent buffers (not in the state dict) that the meta-built block lacks, from the original block."""
-    modules = dict(dst.named_modules())
-    for name, buf in src.named_buffers():
-        mod_name, _, leaf = name.rpartition(".")
-        target = modules.get(mod_name)
-        if target is not None and leaf in target._buffers and target._buffers[leaf] is not None \
-                and target._buffers[leaf].is_meta:
-            target._buffers[leaf] = buf.detach()
 
 
 def check_layerwise(config: FusionConfig) -> None:

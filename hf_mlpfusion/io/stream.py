@@ -277,6 +277,19 @@ _M_MMAP_THRESHOLD = -3
 _MMAP_THRESHOLD = 64 << 10
 
 
+def _glibc():
+    """The C library when it is glibc (whose allocator the two functions below tune), else None."""
+    import ctypes
+    import platform
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        return ctypes.CDLL(None)
+    except OSError:
+        return None
+
+
 def release_freed_memory_early() -> bool:
     """On glibc, serve every allocation of 64 KiB or more by its own mmap, so that freeing it returns the pages.
 
@@ -285,14 +298,10 @@ def release_freed_memory_early() -> bool:
     resident into the next layer's k-means. With a fixed threshold the Llama-shaped streaming compress
     peaked at 0.92 GB instead of 1.05 GB (docs/scale.md). Elsewhere (musl, macOS, Windows) this does
     nothing. Returns whether it was set."""
-    import ctypes
-    import platform
-
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return False
+    libc = _glibc()
     try:
-        return bool(ctypes.CDLL(None).mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD))
-    except (OSError, AttributeError):
+        return libc is not None and bool(libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD))
+    except AttributeError:
         return False
 
 
@@ -303,14 +312,9 @@ def return_freed_memory() -> None:
     (0.73 GB over 12 Llama-shaped blocks, against 1.0 -> 2.0 GB without) at none of the cost of a fixed
     mmap threshold, which doubled calibration time on MiniLM (17-20 s -> 33-36 s) by mapping and
     faulting in every large temporary afresh."""
-    import ctypes
-    import platform
-
-    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
-        try:
-            ctypes.CDLL(None).malloc_trim(0)
-        except (OSError, AttributeError):
-            pass
+    libc = _glibc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
 
 
 def compress_streaming(p: StreamPlan, source_dir: Path, output: Path, *, source: str, overwrite: bool = False,
