@@ -17,7 +17,7 @@ from hf_mlpfusion.compress import compress
 from hf_mlpfusion.errors import CorruptCheckpointError, InvalidConfigError
 from hf_mlpfusion.io import LazyModel
 from test_evaluate import tiny_tokenizer
-from test_streaming import assert_same_files, streamed
+from test_streaming import assert_same_files, streamed, track_loaded
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 TYPE_HEADS = tiny.one_head_per_type()
@@ -89,21 +89,14 @@ def test_layerwise_holds_one_block_of_the_source_at_a_time(tmp_path, tok, monkey
     lazy = LazyModel(src)
     block_of = {n: i for i, b in enumerate(lazy.block_names) for n in lazy.names_under(b)}
     outside = set(lazy.outside_blocks())
-    live, most_blocks, with_outside = set(), [0], []
-    load, release = LazyModel.load, LazyModel.release
+    most_blocks, with_outside = [0], []
 
-    def counting_load(self, names, device=None):
-        live.update(names)
-        most_blocks[0] = max(most_blocks[0], len({block_of[n] for n in live if n in block_of}))
-        with_outside.append(bool(live & outside) and len({block_of[n] for n in live if n in block_of}) > 1)
-        return load(self, names, device)
+    def on_load(live):
+        blocks = len({block_of[n] for n in live if n in block_of})
+        most_blocks[0] = max(most_blocks[0], blocks)
+        with_outside.append(bool(live & outside) and blocks > 1)
 
-    def counting_release(self, names):
-        live.difference_update(names)
-        return release(self, names)
-
-    monkeypatch.setattr(LazyModel, "load", counting_load)
-    monkeypatch.setattr(LazyModel, "release", counting_release)
+    live = track_loaded(monkeypatch, on_load)
     result = compress(str(src), FusionConfig(ratio=0.5, layers=[1, 3]), tmp_path / "out", calibration="builtin",
                       calibration_samples=32, allocate=True)
     assert streamed(result)

@@ -199,15 +199,15 @@ def test_the_real_minilm_streams_with_its_extra_position_ids(tmp_path):
     assert (a.output / "1_Pooling" / "config.json").is_file() and (a.output / "README.md").is_file()
 
 
-def test_streaming_holds_one_layer_group_of_mlps_at_a_time(tmp_path, monkeypatch):
-    src = tmp_path / "src"
-    tiny.model("llama", "LlamaForCausalLM", layers=4).save_pretrained(src)
-    peak, live = [0], set()
+def track_loaded(monkeypatch, on_load) -> set:
+    """The names LazyModel has loaded and not released, kept up to date (the set returned);
+    `on_load(live)` runs after every load."""
+    live: set = set()
     load, release = LazyModel.load, LazyModel.release
 
     def counting_load(self, names, device=None):
         live.update(names)
-        peak[0] = max(peak[0], len(live))
+        on_load(live)
         return load(self, names, device)
 
     def counting_release(self, names):
@@ -216,6 +216,14 @@ def test_streaming_holds_one_layer_group_of_mlps_at_a_time(tmp_path, monkeypatch
 
     monkeypatch.setattr(LazyModel, "load", counting_load)
     monkeypatch.setattr(LazyModel, "release", counting_release)
+    return live
+
+
+def test_streaming_holds_one_layer_group_of_mlps_at_a_time(tmp_path, monkeypatch):
+    src = tmp_path / "src"
+    tiny.model("llama", "LlamaForCausalLM", layers=4).save_pretrained(src)
+    peak = [0]
+    live = track_loaded(monkeypatch, lambda live: peak.__setitem__(0, max(peak[0], len(live))))
     result = compress(str(src), FusionConfig(ratio=0.5), tmp_path / "out")
     assert streamed(result)
     assert peak[0] == 3 and not live  # gate, up and down of one layer; nothing left loaded
