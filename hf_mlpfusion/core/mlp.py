@@ -71,6 +71,11 @@ class MLPTensors:
         return replace(self, ins=tuple(fn(w) for w in self.ins),
                        in_biases=tuple(None if b is None else fn(b) for b in self.in_biases), out=fn(self.out))
 
+    def template(self) -> "MLPTensors":
+        """The same MLPs' shapes, kind and biases on the meta device, holding no memory (what
+        `split_vectors` reads of its `like`)."""
+        return self.map(lambda t: torch.empty_like(t, device="meta"))
+
     def select(self, index: torch.Tensor) -> "MLPTensors":
         """Keep the neurons `index` [B, k] (in that order) of every MLP."""
         d = self.hidden_size

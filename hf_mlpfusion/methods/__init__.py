@@ -35,14 +35,19 @@ class Method:
     # whether `reduce` takes the MLPs in the weights' own dtype (and computes in float32 itself, exactly
     # as on float32 copies): then `fuse.reduce_layers` does not make a float32 copy of every layer first
     any_dtype: bool = False
+    # optional: the same reduction without a data metric from the sub-MLP vectors,
+    # `reduce_vectors(z, like, k, *, seed, device, kmeans_options)` with z = `sub_mlp_vectors(mlps, torch.float32)`
+    # and like = `mlps.template()`, so that a caller can free the weights before the clustering
+    reduce_vectors: Callable[..., Reduction] | None = None
 
 
 METHODS: dict[str, Method] = {}
 
 
 def register_method(name: str, reduce: Callable[..., Reduction], *, data_aware: bool = False,
-                    description: str = "", any_dtype: bool = False) -> None:
-    METHODS[name] = Method(name, reduce, data_aware, description, any_dtype)
+                    description: str = "", any_dtype: bool = False,
+                    reduce_vectors: Callable[..., Reduction] | None = None) -> None:
+    METHODS[name] = Method(name, reduce, data_aware, description, any_dtype, reduce_vectors)
 
 
 from . import cluster, fusion, prune, sketch  # noqa: E402,F401  (each registers itself)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import torch
+
 from ..core.metric import DataMetric
 from ..core.mlp import MLPTensors, scale_output
 from . import Reduction, fusion, register_method
@@ -17,7 +19,17 @@ from . import Reduction, fusion, register_method
 
 def reduce(mlps: MLPTensors, k: int, *, seed: int = 0, device="auto", kmeans_options: dict | None = None,
            metric: DataMetric | None = None, **extra) -> Reduction:
-    fused = fusion.reduce(mlps, k, seed=seed, device=device, kmeans_options=kmeans_options, metric=metric)
+    return _fold_sqrt_counts(fusion.reduce(mlps, k, seed=seed, device=device, kmeans_options=kmeans_options,
+                                           metric=metric))
+
+
+def reduce_vectors(z: torch.Tensor, like: MLPTensors, k: int, *, seed: int = 0, device="auto",
+                   kmeans_options: dict | None = None, **extra) -> Reduction:
+    """`reduce` without a data metric, from the sub-MLP vectors (see `fusion.reduce_vectors`)."""
+    return _fold_sqrt_counts(fusion.reduce_vectors(z, like, k, seed=seed, device=device, kmeans_options=kmeans_options))
+
+
+def _fold_sqrt_counts(fused: Reduction) -> Reduction:
     s = fused.counts.sqrt().to(fused.mlps.out.dtype)  # [B, k]
     m = fused.mlps
     first = m.ins[0] * s.unsqueeze(-1)
@@ -26,6 +38,6 @@ def reduce(mlps: MLPTensors, k: int, *, seed: int = 0, device="auto", kmeans_opt
     return Reduction(scale_output(m, s), None, fused.inertia, fused.labels)
 
 
-register_method("cluster", reduce, data_aware=True, any_dtype=True,
+register_method("cluster", reduce, data_aware=True, any_dtype=True, reduce_vectors=reduce_vectors,
                 description="k-means clustering of the sub-MLPs with sqrt(cluster size) folded into the weights "
                             "(the reference code's `cluster` baseline)")

@@ -23,16 +23,31 @@ from . import Reduction, register_method
 def reduce(mlps: MLPTensors, k: int, *, seed: int = 0, device="auto", kmeans_options: dict | None = None,
            metric: DataMetric | None = None, **extra) -> Reduction:
     z = sub_mlp_vectors(mlps, torch.float32)  # the layers may come in their own dtype (any_dtype below)
-    opts = {key: v for key, v in (kmeans_options or {}).items() if v is not None}
     if metric is None:
-        res = kmeans(z, k, seed=seed, device=device, **opts)
-        centers = res.centers.to(device=z.device, dtype=torch.float32)
-    else:
-        res = kmeans(metric_vectors(mlps, metric), k, seed=seed, device=device, **opts)
-        centers = cluster_means(z, res.labels.to(z.device), k).float()
-    labels = res.labels.to(z.device)
-    return Reduction(split_vectors(centers, mlps), cluster_sizes(labels, k).float(), res.inertia.cpu().double(), labels)
+        return reduce_vectors(z, mlps.template(), k, seed=seed, device=device, kmeans_options=kmeans_options)
+    res = kmeans(metric_vectors(mlps, metric), k, seed=seed, device=device, **_options(kmeans_options))
+    centers = cluster_means(z, res.labels.to(z.device), k).float()
+    return _reduction(centers, mlps.template(), res)
 
 
-register_method("fusion", reduce, data_aware=True, any_dtype=True,
+def reduce_vectors(z: torch.Tensor, like: MLPTensors, k: int, *, seed: int = 0, device="auto",
+                   kmeans_options: dict | None = None, **extra) -> Reduction:
+    """`reduce` without a data metric, from the sub-MLP vectors z (`sub_mlp_vectors(mlps, torch.float32)`)
+    and a weightless `like` (`mlps.template()`): the caller may free the weights before the clustering."""
+    res = kmeans(z, k, seed=seed, device=device, **_options(kmeans_options))
+    return _reduction(res.centers.to(device=z.device, dtype=torch.float32), like, res)
+
+
+def _options(kmeans_options: dict | None) -> dict:
+    return {key: v for key, v in (kmeans_options or {}).items() if v is not None}
+
+
+def _reduction(centers: torch.Tensor, like: MLPTensors, res) -> Reduction:
+    """The fused MLPs from the k-means result: centroids split into the MLP's parts, cluster sizes as counts."""
+    labels = res.labels.to(centers.device)
+    k = centers.shape[-2]
+    return Reduction(split_vectors(centers, like), cluster_sizes(labels, k).float(), res.inertia.cpu().double(), labels)
+
+
+register_method("fusion", reduce, data_aware=True, any_dtype=True, reduce_vectors=reduce_vectors,
                 description="MLP fusion: k-means clustering of the sub-MLPs, centroids with a frozen count vector")
