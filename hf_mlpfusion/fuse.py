@@ -19,7 +19,7 @@ from transformers import PreTrainedModel
 from . import __version__, modeling
 from .config import FusionConfig
 from .core.metric import DataMetric, stack_metrics
-from .core.mlp import MLPTensors, scale_output, stack
+from .core.mlp import MLPTensors, scale_output, stack, sub_mlp_vectors
 from .errors import InvalidConfigError, UnsupportedArchitectureError
 from .families import Family, family_for, fused_model_type, head_name, stock_type
 from .hub import source_identity
@@ -52,13 +52,20 @@ def count_parameters(model: torch.nn.Module) -> int:
 
 
 def reduce_layers(weights: dict[int, MLPTensors], widths: dict[int, int], config: FusionConfig,
-                  metrics: dict[int, DataMetric] | None = None) -> dict[int, Reduction]:
-    """Reduce every selected MLP; layers of the same shape and new width go through one batched call."""
+                  metrics: dict[int, DataMetric] | None = None, *,
+                  release: Callable[[], None] | None = None) -> dict[int, Reduction]:
+    """Reduce every selected MLP; layers of the same shape and new width go through one batched call.
+
+    With `release`, the layers are handed over: each entry is taken out of `weights` once it is no longer
+    read, and `release()` is called when `weights` is empty (there the caller frees the layers' memory).
+    For a method that reduces from the sub-MLP vectors (`Method.reduce_vectors`) without a data metric
+    that is before the clustering, so one layer's weights and its vectors are never held during it."""
     groups: dict[tuple, list[int]] = defaultdict(list)
-    for i, w in weights.items():
-        groups[(tuple(w.ins[0].shape[1:]), widths[i])].append(i)
+    for i in weights:  # (no loop variable holding a layer: see `release`)
+        groups[(tuple(weights[i].ins[0].shape[1:]), widths[i])].append(i)
     method = METHODS[config.method]
     device = resolve_device(config.device)
+    from_vectors = method.reduce_vectors if release is not None and metrics is None else None
     out: dict[int, Reduction] = {}
     for (_, k), idx in sorted(groups.items()):
         # stacked in the weights' dtype, then cast once: the same numbers as casting each layer, fewer copies
@@ -66,13 +73,25 @@ def reduce_layers(weights: dict[int, MLPTensors], widths: dict[int, int], config
         # take any dtype get no float32 copy of the layers at all: they cast into their own buffers.
         parts = [weights[i].map(lambda t: t.detach()) for i in idx]
         mlps = parts[0] if len(parts) == 1 else stack(parts)
-        if not method.any_dtype:
-            mlps = mlps.map(lambda t: t.float())
         del parts
         kwargs = dict(config.extra)
-        if metrics is not None:
-            kwargs["metric"] = stack_metrics([metrics[i] for i in idx])
-        red = method.reduce(mlps, k, seed=config.seed, device=device, kmeans_options=config.kmeans_options(), **kwargs)
+        if from_vectors is not None:  # what the method's reduce does first, here, so the layers can go
+            z, like = sub_mlp_vectors(mlps, torch.float32), mlps.template()
+            del mlps
+            _hand_over(weights, idx, release)
+            red = from_vectors(z, like, k, seed=config.seed, device=device, kmeans_options=config.kmeans_options(),
+                               **kwargs)
+            del z
+        else:
+            if not method.any_dtype:
+                mlps = mlps.map(lambda t: t.float())
+            if metrics is not None:
+                kwargs["metric"] = stack_metrics([metrics[i] for i in idx])
+            red = method.reduce(mlps, k, seed=config.seed, device=device, kmeans_options=config.kmeans_options(),
+                                **kwargs)
+            del mlps
+            if release is not None:
+                _hand_over(weights, idx, release)
         if config.fold_scale and red.counts is not None:
             red = Reduction(scale_output(red.mlps, red.counts), None, red.inertia, red.labels)
         for j, i in enumerate(idx):
@@ -83,6 +102,13 @@ def reduce_layers(weights: dict[int, MLPTensors], widths: dict[int, int], config
                 None if red.labels is None else red.labels[j],
             )
     return out
+
+
+def _hand_over(weights: dict[int, MLPTensors], idx: list[int], release: Callable[[], None]) -> None:
+    for i in idx:
+        del weights[i]
+    if not weights:
+        release()
 
 
 def check_data_aware_method(method: str) -> None:
@@ -249,10 +275,12 @@ def _resolved_kmeans_options(config: FusionConfig) -> dict:
     }
 
 
-def reduction_entries(family: Family, block_name: str, block: torch.nn.Module, red: Reduction) -> dict[str, torch.Tensor]:
-    """The state-dict entries of one fused block's new MLP, in the dtype and on the device of its weights."""
-    ins, _ = family.projections(block)
-    dtype, dev = ins[0].weight.dtype, ins[0].weight.device
+def reduction_entries(family: Family, block_name: str, block: torch.nn.Module, red: Reduction, *,
+                      like: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """The state-dict entries of one fused block's new MLP, in the dtype and on the device of its weights (or
+    of `like`, when they are no longer loaded). Reads no weight of the block's MLP but its output bias."""
+    like = family.projections(block)[0][0].weight if like is None else like
+    dtype, dev = like.dtype, like.device
     mlp = red.mlps.map(lambda t: t.to(dev, dtype))
     counts = None if red.counts is None else red.counts.to(dev, dtype)
     return family.state_entries(block_name, block, mlp, counts, family.output_bias(block))

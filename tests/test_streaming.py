@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import weakref
 from pathlib import Path
 
 import pytest
@@ -227,6 +228,37 @@ def test_streaming_holds_one_layer_group_of_mlps_at_a_time(tmp_path, monkeypatch
     result = compress(str(src), FusionConfig(ratio=0.5), tmp_path / "out")
     assert streamed(result)
     assert peak[0] == 3 and not live  # gate, up and down of one layer; nothing left loaded
+
+
+@pytest.mark.parametrize("method", ["fusion", "cluster"])
+def test_streaming_frees_each_layer_before_its_clustering(tmp_path, monkeypatch, method):
+    # data-free fusion reads a layer's weights only to build its vectors: the k-means runs without them
+    # (nothing holds them: not the loader, not a view), so one layer's weights never add to its peak
+    from hf_mlpfusion.methods import fusion
+
+    src = tmp_path / "src"
+    tiny.model("llama", "LlamaForCausalLM", layers=3).to(torch.bfloat16).save_pretrained(src)
+    weights: list = []
+    load = LazyModel.load
+
+    def recording_load(self, names, device=None):
+        load(self, names, device)
+        params = dict(self.model.named_parameters())
+        weights.extend(weakref.ref(params[n]) for n in names if ".mlp." in n and n in params)
+
+    alive_at_kmeans = []
+    kmeans = fusion.kmeans
+
+    def checking_kmeans(x, k, **kw):
+        alive_at_kmeans.append(sum(w() is not None for w in weights))
+        return kmeans(x, k, **kw)
+
+    monkeypatch.setattr(LazyModel, "load", recording_load)
+    monkeypatch.setattr(fusion, "kmeans", checking_kmeans)
+    result = compress(str(src), FusionConfig(ratio=0.5, method=method), tmp_path / "out")
+    assert streamed(result)
+    assert len(weights) == 9  # gate, up and down of 3 layers
+    assert len(alive_at_kmeans) >= 3 and set(alive_at_kmeans) == {0}  # a k-means per layer (and the plan's probe)
 
 
 # ----------------------------------------------------------------------------- when it does not stream

@@ -142,26 +142,29 @@ def plan(source_dir: str | Path, config: FusionConfig, *, layers_per_group: int 
 
 
 def reduce_group(p: StreamPlan, group: list[int], device: str) -> tuple[dict[str, torch.Tensor], dict[int, tuple]]:
-    """Load one group's MLPs, reduce them, release them: (output tensors on the CPU, layer -> (inertia, counted))."""
+    """Load one group's MLPs, reduce them, release them: (output tensors on the CPU, layer -> (inertia, counted)).
+
+    The layers are handed to `reduce_layers`, which releases them as soon as it no longer reads them: for
+    data-free fusion and cluster, before the clustering (their vectors are all it needs). The output
+    biases stay loaded until the end: the fused block keeps them."""
     lazy, family = p.lazy, p.lazy.family
     dev = resolve_device(device)
     config = dataclasses.replace(p.config, device=str(dev))
     names = [n for i in group for path in (*family.inputs, family.output)
              for n in lazy.names_under(f"{lazy.block_names[i]}.{path}")]
+    kept = {f"{lazy.block_names[i]}.{family.output}.bias" for i in group}
     lazy.load(names, dev if p.config.method in ON_DEVICE else "cpu")
     try:
         where = str(lazy.source.folder.name)
         for i in group:
-            for path in (*family.inputs, family.output):
-                for key, t in get_path(lazy.block(i), path).state_dict().items():
-                    check_tensor_finite(f"{lazy.block_names[i]}.{path}.{key}", t, where)
-        weights = {i: family.read(lazy.block(i)) for i in group}
-        reduced = reduce_layers(weights, {i: p.new_width[i] for i in group}, config)
-        del weights
+            _check_finite(lazy, i, where)
+        like = {i: _dtype_device(family.projections(lazy.block(i))[0][0].weight) for i in group}  # to write in
+        reduced = reduce_layers({i: family.read(lazy.block(i)) for i in group}, {i: p.new_width[i] for i in group},
+                                config, release=lambda: lazy.release([n for n in names if n not in kept]))
         out: dict[str, torch.Tensor] = {}
         info = {}
         for i in group:
-            entries = reduction_entries(family, lazy.block_names[i], lazy.block(i), reduced[i])
+            entries = reduction_entries(family, lazy.block_names[i], lazy.block(i), reduced[i], like=like[i])
             if sorted(entries) != sorted(p.fused_keys[i]):
                 raise UnsupportedArchitectureError(
                     f"internal mismatch in layer {i}: the reduction gives {sorted(entries)[:4]}, the fused model "
@@ -174,6 +177,19 @@ def reduce_group(p: StreamPlan, group: list[int], device: str) -> tuple[dict[str
         return out, info
     finally:
         lazy.release(names)
+
+
+def _dtype_device(t: torch.Tensor) -> torch.Tensor:
+    """A one-element tensor of t's dtype on t's device (holding none of t's memory)."""
+    return torch.empty((), dtype=t.dtype, device=t.device)
+
+
+def _check_finite(lazy, i: int, where: str) -> None:
+    """Every tensor of block i's MLP is finite (a function of its own: no loop variable outlives it)."""
+    family = lazy.family
+    for path in (*family.inputs, family.output):
+        for key, t in get_path(lazy.block(i), path).state_dict().items():
+            check_tensor_finite(f"{lazy.block_names[i]}.{path}.{key}", t, where)
 
 
 def write_weights(p: StreamPlan, folder: Path, workers: Workers, *, max_shard_size=DEFAULT_MAX_SHARD_SIZE,
