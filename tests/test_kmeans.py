@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -569,3 +570,26 @@ def test_metric_vectors_part_by_part_equal_the_concatenation():
         assert torch.equal(metric_vectors(mlp, met), torch.cat(parts, dim=-1).float())
         assert torch.equal(metric_vectors(mlp.map(lambda t: t.bfloat16()), met),
                            metric_vectors(mlp.map(lambda t: t.bfloat16().float()), met))
+
+
+_COLD_CACHE_SCRIPT = textwrap.dedent("""
+    import json, torch
+    from hf_mlpfusion.core import _kmeans_kernels as K, kmeans as km
+    cold = K.cache_is_cold()
+    km.kmeans(torch.randn(2, 200, 7, generator=torch.Generator().manual_seed(0)), 50, device="cpu")
+    fns = (K.column_means, K.center_rows, K.mirror_lower, K.solve_run, K.exact_stats)
+    print(json.dumps({"cold": cold, "misses": sum(sum(f.stats.cache_misses.values()) for f in fns),
+                      "hits": [sum(f.stats.cache_hits.values()) for f in fns]}))
+""")
+
+
+def test_a_cold_kernel_cache_is_filled_by_a_child_process_not_by_compiling_here(tmp_path):
+    # a first run compiles the kernels in a short-lived child (LLVM's memory never joins the compress's
+    # peak); this process then loads every kernel it calls from the on-disk cache the child wrote
+    env = {k: v for k, v in os.environ.items() if k != km.KERNELS_CHILD_ENV}
+    out = subprocess.run([sys.executable, "-c", _COLD_CACHE_SCRIPT], capture_output=True, text=True, timeout=900,
+                         env={**env, "NUMBA_CACHE_DIR": str(tmp_path / "numba-cache")})
+    assert out.returncode == 0, out.stderr[-2000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["cold"] is True  # a fresh cache directory
+    assert got["misses"] == 0 and all(h >= 1 for h in got["hits"])

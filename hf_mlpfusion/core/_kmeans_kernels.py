@@ -490,3 +490,14 @@ def _sqdist(xi, row):
 
 
 
+
+
+def cache_is_cold() -> bool:
+    """Whether a kernel the k-means calls first has no compiled version for this source in its on-disk
+    cache yet. False when there is no on-disk cache (compiling elsewhere would not help then), or when
+    this numba's cache cannot be inspected."""
+    try:
+        return any(not f._cache._cache_file._load_index() for f in (column_means, center_rows, mirror_lower,
+                                                                    solve_run, exact_stats))
+    except Exception:  # no on-disk cache (numba's NullCache) or another numba's internals
+        return False
