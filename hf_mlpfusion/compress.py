@@ -483,10 +483,10 @@ def compress(model_id: str | None = None, config: FusionConfig | None = None, ou
     guarded = source_dir if gguf is None else (gguf.parent if Path(model_id).expanduser().is_dir() else None)
     target = check_output(output, overwrite, source=guarded)
     seconds = {}
-    if streaming is not False and calibration is None and not distill_steps:  # data-free: set before anything
-        from .io.stream import release_freed_memory_early  # grows the heap, whose holes would serve later layers
+    if streaming is not False:  # set before anything grows the heap, whose holes would serve later layers
+        from .io.stream import fix_mmap_threshold_for
 
-        release_freed_memory_early()
+        fix_mmap_threshold_for(source_dir, calibrated=calibration is not None or bool(distill_steps))
 
     t0 = time.perf_counter()
     texts = tokenizer = metrics = None

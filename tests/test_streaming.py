@@ -411,3 +411,18 @@ def test_release_freed_memory_early_sets_the_mmap_threshold_only_on_glibc():
 
     glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
     assert release_freed_memory_early() is glibc
+
+
+def test_a_calibrated_compress_fixes_the_mmap_threshold_only_for_a_large_checkpoint(tmp_path, monkeypatch):
+    import platform
+
+    glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+    src = tmp_path / "src"
+    tiny.model("llama", "LlamaForCausalLM", layers=2).save_pretrained(src)
+    size = sum(f.stat().st_size for f in src.glob("*.safetensors"))
+    assert stream.fix_mmap_threshold_for(src, calibrated=False) is glibc  # data-free: always
+    monkeypatch.setattr(stream, "LARGE_CHECKPOINT_BYTES", size + 1)
+    assert stream.fix_mmap_threshold_for(src, calibrated=True) is False
+    assert stream.fix_mmap_threshold_for(None, calibrated=True) is False  # (a Hub id, not downloaded yet)
+    monkeypatch.setattr(stream, "LARGE_CHECKPOINT_BYTES", size)
+    assert stream.fix_mmap_threshold_for(src, calibrated=True) is glibc
