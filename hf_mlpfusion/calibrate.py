@@ -513,12 +513,17 @@ def summary(samples: int, tokens: int, report: list[dict], *, refit: bool, targe
     }
 
 
-def mlp_points(family: Family, block: nn.Module) -> dict[str, nn.Module]:
-    """The modules whose first input is the MLP's input ("x") and the residual stream ("r")."""
+def mlp_points(family: Family, block: nn.Module, *, mlp_input: bool = True) -> dict[str, nn.Module]:
+    """The modules whose first input is the MLP's input ("x") and the residual stream ("r").
+
+    `mlp_input=False`: only what the original model's run gives `fit_layer` when the fused model has
+    inputs of its own (the residual stream; the MLP input only where it is the residual stream too)."""
     points = {"x": family.projections(block)[0][0]}
     residual = family.residual_input(block)
     if residual is not None:
         points["r"] = residual
+        if not mlp_input:
+            del points["x"]
     return points
 
 
@@ -541,9 +546,10 @@ def _calibrate_layers(original, fused, fo, ff, blocks_o, blocks_f, layers, encod
             continue
         say(f"calibrating layer {i} ({layers.index(i) + 1}/{len(layers)})")
         # the original's MLP output at its own inputs comes with the run (hooked, not recomputed)
-        next_o, got_o = run_block(blocks_o[i], tr_o, i, h_o, capture=mlp_points(fo, blocks_o[i]),
+        shared = h_f is h_o  # the first fused layer: both models' inputs, attention included, are the same
+        next_o, got_o = run_block(blocks_o[i], tr_o, i, h_o, capture=mlp_points(fo, blocks_o[i], mlp_input=shared),
                                   capture_output={"y": fo.projections(blocks_o[i])[1]})
-        if h_f is h_o:  # the first fused layer: both models' inputs, attention included, are the same
+        if shared:
             got_f = got_o
         else:
             _, got_f = run_block(blocks_f[i], tr_f, i, h_f, capture=mlp_points(ff, blocks_f[i]))
@@ -561,17 +567,19 @@ def fit_layer(fo: Family, ff: Family, block_o: nn.Module, block_f: nn.Module, i:
               refit: bool, distill_steps: int, seed: int, ridge: float, distill_lr: float, target: str,
               weighting: str) -> dict:
     """Refit and/or distill fused block `block_f`'s MLP (in place) on what `run_block` captured in the
-    original (`got_o`: "x", "r", "y") and the fused model (`got_f`: "x", "r") at layer i; returns the
-    layer's report entry (see `calibrate`)."""
+    original (`got_o`: "r" (or "x" where that is the residual stream), "y") and the fused model
+    (`got_f`: "x", "r"; the same dict at the first fused layer) at layer i; returns the layer's report
+    entry (see `calibrate`). Takes `got_o`'s tensors over: the target is built in the original's
+    output "y" and what the original gave is dropped from `got_o` as soon as it is used."""
     x, r_f = got_f["x"], got_f.get("r", got_f["x"])
-    x_o, r_o = (got_o["x"], got_o.get("r", got_o["x"])) if target == "residual" else (x, r_f)
     with torch.no_grad():
         if target == "residual":
-            y = got_o["y"]
+            y = got_o.pop("y")
+            y += got_o.get("r", got_o.get("x")) - r_f  # the same numbers as y + (r_o - r_f), one copy less
+            if got_o is not got_f:
+                got_o.clear()
         else:  # the original MLP on the fused model's inputs
             y = torch.cat([mlp_apply(fo, block_o, x[s : s + 8192]).float() for s in range(0, x.shape[0], 8192)])
-        if target == "residual":
-            y = y + (r_o - r_f)
         w = token_weights(y + r_f) if weighting == "token" else None  # y + r_f: the whole residual sum
     ref = float(((w.double()[:, None] if w is not None else 1.0) * y.double().pow(2)).sum().clamp_min(1e-30))
     before = _sq_error(ff, block_f, x, y, w)  # exact (the normal equations cancel badly near 0)

@@ -305,3 +305,41 @@ def test_a_strong_ridge_toward_the_current_weights_stays_by_them_and_toward_zero
     # pulled toward zero, the solution is nearly zero: worse than what the layer had, so refused
     kept, after, before, moved = got[False]
     assert not kept and moved == 0.0
+
+
+@pytest.mark.parametrize("model_type, head", [("bert", "BertModel"), ("llama", "LlamaForCausalLM"),
+                                              ("gpt2", "GPT2LMHeadModel")])
+def test_the_original_run_captures_only_what_fit_layer_reads_and_fit_layer_lets_it_go(tmp_path, model_type, head):
+    # after the first fused layer the fused model has MLP inputs of its own: the original's run then
+    # captures only its residual stream (not its MLP input), and fit_layer drops what the original gave
+    # once the target is built, so neither stays in memory through the refit
+    from hf_mlpfusion.calibrate import fit_layer, mlp_points
+    from hf_mlpfusion.propagate import run_block, trace
+
+    tok = tiny_tokenizer(tmp_path / "tok")
+    model = tiny.model(model_type, head, layers=2).eval()
+    fam = family_of(model)
+    fused = fuse(model, FusionConfig(ratio=0.5, layers=[1])).eval()
+    ff = family_of(fused)
+    encoded = list(batches(load_texts(None, split="calibration")[:8], tok, max_length=32, batch_size=4, model=model))
+    tr_o, tr_f = trace(model, fam, encoded), trace(fused, ff, encoded)
+    bo, bf = fam.block_list(model), ff.block_list(fused)
+    h_o, _ = run_block(bo[0], tr_o, 0, tr_o.hidden)
+    h_f, _ = run_block(bf[0], tr_f, 0, tr_f.hidden)
+    points = mlp_points(fam, bo[1], mlp_input=False)
+    assert set(points) == ({"r"} if fam.residual_input(bo[1]) is not None else {"x"})
+    assert set(mlp_points(fam, bo[1])) == {"x"} | set(points)
+    _, got_o = run_block(bo[1], tr_o, 1, h_o, capture=points, capture_output={"y": fam.projections(bo[1])[1]})
+    _, got_f = run_block(bf[1], tr_f, 1, h_f, capture=mlp_points(ff, bf[1]))
+    y, r_o = got_o["y"].clone(), got_o.get("r", got_o.get("x")).clone()
+    r_f = got_f.get("r", got_f["x"])
+    entry = fit_layer(fam, ff, bo[1], bf[1], 1, got_o, got_f, refit=True, distill_steps=0, seed=0, ridge=1e-3,
+                      distill_lr=1e-3, target="residual", weighting="token")
+    assert got_o == {} and "x" in got_f and entry["error_after"] <= entry["error_before"]
+    # the target fit_layer built in place is y + (r_o - r_f) exactly: the same error as computed from it
+    from hf_mlpfusion.calibrate import _sq_error, token_weights
+
+    target = y + (r_o - r_f)
+    ref = float((token_weights(target + r_f).double()[:, None] * target.double().pow(2)).sum())
+    w = token_weights(target + r_f)
+    assert _sq_error(ff, bf[1], got_f["x"], target, w) / ref == pytest.approx(entry["error_after"], rel=1e-12)

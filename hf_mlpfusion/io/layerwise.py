@@ -167,8 +167,10 @@ def fuse_and_calibrate(p: StreamPlan, blocks: _Blocks, tr, cal: Calibration, wri
             continue
         say(f"fusing and calibrating layer {i} ({layers.index(i) + 1}/{len(layers)})")
         stats, hooks = _metric_run(family, block_o, cal.data_aware)
-        next_o, got_o = run_block(block_o, tr, i, h_o, capture=mlp_points(family, block_o),
+        shared = h_f is h_o  # the first fused layer: both models' inputs, attention included, are the same
+        next_o, got_o = run_block(block_o, tr, i, h_o, capture=mlp_points(family, block_o, mlp_input=shared),
                                   capture_output={"y": family.projections(block_o)[1]}, hooks=hooks)
+        h_o = next_o  # (the fused model still holds the old one at the first fused layer)
         metrics = {i: stats.metric()} if stats is not None else None
         if metrics is not None:
             data_tokens = metrics[i].tokens if data_tokens is None else max(data_tokens, metrics[i].tokens)
@@ -176,7 +178,7 @@ def fuse_and_calibrate(p: StreamPlan, blocks: _Blocks, tr, cal: Calibration, wri
         info[i] = (None if red.inertia is None else float(red.inertia), red.counts is not None)
         block_f = _fused_block(p, i, block_o, red, fused_blocks[i])
         del red
-        if h_f is h_o:  # the first fused layer: both models' inputs, attention included, are the same
+        if shared:
             got_f = got_o
         else:
             _, got_f = run_block(block_f, tr, i, h_f, capture=mlp_points(ff, block_f))
@@ -184,8 +186,7 @@ def fuse_and_calibrate(p: StreamPlan, blocks: _Blocks, tr, cal: Calibration, wri
                                 distill_steps=cal.distill_steps, seed=seed, ridge=RIDGE, distill_lr=DISTILL_LR,
                                 target="residual", weighting="token"))
         tokens = got_f["x"].shape[0]
-        del got_o, got_f
-        h_o = next_o
+        del got_o, got_f, next_o
         if i < max(layers):  # the hidden states after the last calibrated layer are not needed
             h_f = run_block(block_f, tr, i, h_f)[0]  # with the calibrated MLP
         prefix = f"{lazy.block_names[i]}."
