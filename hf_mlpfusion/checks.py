@@ -197,10 +197,11 @@ def check_tensor_finite(key: str, tensor: torch.Tensor, where: str, *, fused: bo
     )
 
 
-def check_finite(model, where: str, *, fused: bool = False) -> None:
-    """Every floating-point tensor of `model` is finite; else one line naming the first bad one."""
+def check_finite(model, where: str, *, fused: bool = False, prefix: str = "") -> None:
+    """Every floating-point tensor of `model` is finite; else one line naming the first bad one (its
+    state-dict key after `prefix`, for a submodule)."""
     for key, tensor in model.state_dict().items():
-        check_tensor_finite(key, tensor, where, fused=fused)
+        check_tensor_finite(prefix + key, tensor, where, fused=fused)
 
 
 __all__ = ["check_against_config", "check_finite", "check_tensor_finite", "check_index", "check_loading_info", "expected_tensors",

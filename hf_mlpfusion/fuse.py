@@ -19,11 +19,11 @@ from transformers import PreTrainedModel
 from . import __version__, modeling
 from .config import FusionConfig
 from .core.metric import DataMetric, stack_metrics
-from .core.mlp import MLPTensors, scale_output, stack, sub_mlp_vectors
+from .core.mlp import MLPTensors, scale_output, stack
 from .errors import InvalidConfigError, UnsupportedArchitectureError
 from .families import Family, family_for, fused_model_type, head_name, stock_type
 from .hub import source_identity
-from .methods import DATA_AWARE_METHODS, METHODS, Reduction
+from .methods import DATA_AWARE_METHODS, METHODS, Reduction, vector_input
 
 Progress = Callable[[str], None]
 
@@ -76,7 +76,7 @@ def reduce_layers(weights: dict[int, MLPTensors], widths: dict[int, int], config
         del parts
         kwargs = dict(config.extra)
         if from_vectors is not None:  # what the method's reduce does first, here, so the layers can go
-            z, like = sub_mlp_vectors(mlps, torch.float32), mlps.template()
+            z, like = vector_input(mlps)
             del mlps
             _hand_over(weights, idx, release)
             red = from_vectors(z, like, k, seed=config.seed, device=device, kmeans_options=config.kmeans_options(),
@@ -276,11 +276,12 @@ def _resolved_kmeans_options(config: FusionConfig) -> dict:
 
 
 def reduction_entries(family: Family, block_name: str, block: torch.nn.Module, red: Reduction, *,
-                      like: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """The state-dict entries of one fused block's new MLP, in the dtype and on the device of its weights (or
-    of `like`, when they are no longer loaded). Reads no weight of the block's MLP but its output bias."""
-    like = family.projections(block)[0][0].weight if like is None else like
-    dtype, dev = like.dtype, like.device
+                      device: str | torch.device | None = None) -> dict[str, torch.Tensor]:
+    """The state-dict entries of one fused block's new MLP, in the dtype and on the device of its weights
+    (on `device` when they are no longer loaded: released, they keep their dtype on the meta device).
+    Reads no weight of the block's MLP but its output bias."""
+    weight = family.projections(block)[0][0].weight
+    dtype, dev = weight.dtype, weight.device if device is None else device
     mlp = red.mlps.map(lambda t: t.to(dev, dtype))
     counts = None if red.counts is None else red.counts.to(dev, dtype)
     return family.state_entries(block_name, block, mlp, counts, family.output_bias(block))

@@ -41,7 +41,7 @@ import torch
 from ..allocate import Allocation, choose, layer_errors, plan_candidates
 from ..calibrate import (DISTILL_LR, RIDGE, batches, cast_float32, check_calibration_options, fit_layer, mlp_points,
                          stats_hooks, summary)
-from ..checks import check_tensor_finite
+from ..checks import check_finite, check_tensor_finite
 from ..config import FusionConfig
 from ..core.metric import MetricStats
 from ..families import family_of
@@ -76,8 +76,7 @@ class _Blocks:
 
     def load(self, i: int):
         block = self.lazy.load_block(i)
-        for key, t in block.state_dict().items():
-            check_tensor_finite(f"{self.lazy.block_names[i]}.{key}", t, self.where)
+        check_finite(block, self.where, prefix=f"{self.lazy.block_names[i]}.")
         cast_float32(block)
         return block
 

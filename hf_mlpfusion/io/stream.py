@@ -33,7 +33,7 @@ from typing import Callable
 
 import torch
 
-from ..checks import check_tensor_finite
+from ..checks import check_finite, check_tensor_finite
 from ..config import FusionConfig
 from ..core.mlp import MLPTensors
 from ..errors import InvalidConfigError, UnsupportedArchitectureError
@@ -153,18 +153,19 @@ def reduce_group(p: StreamPlan, group: list[int], device: str) -> tuple[dict[str
     names = [n for i in group for path in (*family.inputs, family.output)
              for n in lazy.names_under(f"{lazy.block_names[i]}.{path}")]
     kept = {f"{lazy.block_names[i]}.{family.output}.bias" for i in group}
-    lazy.load(names, dev if p.config.method in ON_DEVICE else "cpu")
+    loaded_on = dev if p.config.method in ON_DEVICE else torch.device("cpu")
+    lazy.load(names, loaded_on)
     try:
         where = str(lazy.source.folder.name)
         for i in group:
-            _check_finite(lazy, i, where)
-        like = {i: _dtype_device(family.projections(lazy.block(i))[0][0].weight) for i in group}  # to write in
+            for path in (*family.inputs, family.output):
+                check_finite(get_path(lazy.block(i), path), where, prefix=f"{lazy.block_names[i]}.{path}.")
         reduced = reduce_layers({i: family.read(lazy.block(i)) for i in group}, {i: p.new_width[i] for i in group},
                                 config, release=lambda: lazy.release([n for n in names if n not in kept]))
         out: dict[str, torch.Tensor] = {}
         info = {}
         for i in group:
-            entries = reduction_entries(family, lazy.block_names[i], lazy.block(i), reduced[i], like=like[i])
+            entries = reduction_entries(family, lazy.block_names[i], lazy.block(i), reduced[i], device=loaded_on)
             if sorted(entries) != sorted(p.fused_keys[i]):
                 raise UnsupportedArchitectureError(
                     f"internal mismatch in layer {i}: the reduction gives {sorted(entries)[:4]}, the fused model "
@@ -177,19 +178,6 @@ def reduce_group(p: StreamPlan, group: list[int], device: str) -> tuple[dict[str
         return out, info
     finally:
         lazy.release(names)
-
-
-def _dtype_device(t: torch.Tensor) -> torch.Tensor:
-    """A one-element tensor of t's dtype on t's device (holding none of t's memory)."""
-    return torch.empty((), dtype=t.dtype, device=t.device)
-
-
-def _check_finite(lazy, i: int, where: str) -> None:
-    """Every tensor of block i's MLP is finite (a function of its own: no loop variable outlives it)."""
-    family = lazy.family
-    for path in (*family.inputs, family.output):
-        for key, t in get_path(lazy.block(i), path).state_dict().items():
-            check_tensor_finite(f"{lazy.block_names[i]}.{path}.{key}", t, where)
 
 
 def write_weights(p: StreamPlan, folder: Path, workers: Workers, *, max_shard_size=DEFAULT_MAX_SHARD_SIZE,

@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from ..core.mlp import MLPTensors
+from ..core.mlp import MLPTensors, sub_mlp_vectors
 
 
 @dataclass
@@ -36,12 +36,17 @@ class Method:
     # as on float32 copies): then `fuse.reduce_layers` does not make a float32 copy of every layer first
     any_dtype: bool = False
     # optional: the same reduction without a data metric from the sub-MLP vectors,
-    # `reduce_vectors(z, like, k, *, seed, device, kmeans_options)` with z = `sub_mlp_vectors(mlps, torch.float32)`
-    # and like = `mlps.template()`, so that a caller can free the weights before the clustering
+    # `reduce_vectors(z, like, k, *, seed, device, kmeans_options)` with `z, like = vector_input(mlps)`,
+    # so that a caller can free the weights before the clustering
     reduce_vectors: Callable[..., Reduction] | None = None
 
 
 METHODS: dict[str, Method] = {}
+
+
+def vector_input(mlps: MLPTensors) -> tuple[torch.Tensor, MLPTensors]:
+    """What `Method.reduce_vectors` takes for `mlps`: the float32 sub-MLP vectors and a weightless template."""
+    return sub_mlp_vectors(mlps, torch.float32), mlps.template()
 
 
 def register_method(name: str, reduce: Callable[..., Reduction], *, data_aware: bool = False,
@@ -54,4 +59,4 @@ from . import cluster, fusion, prune, sketch  # noqa: E402,F401  (each registers
 
 DATA_AWARE_METHODS = tuple(name for name, m in METHODS.items() if m.data_aware)
 
-__all__ = ["DATA_AWARE_METHODS", "METHODS", "Method", "Reduction", "register_method"]
+__all__ = ["DATA_AWARE_METHODS", "METHODS", "Method", "Reduction", "register_method", "vector_input"]

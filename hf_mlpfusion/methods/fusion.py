@@ -16,24 +16,24 @@ import torch
 
 from ..core.kmeans import cluster_means, kmeans
 from ..core.metric import DataMetric, metric_vectors
-from ..core.mlp import MLPTensors, cluster_sizes, split_vectors, sub_mlp_vectors
-from . import Reduction, register_method
+from ..core.mlp import MLPTensors, cluster_sizes, split_vectors
+from . import Reduction, register_method, vector_input
 
 
 def reduce(mlps: MLPTensors, k: int, *, seed: int = 0, device="auto", kmeans_options: dict | None = None,
            metric: DataMetric | None = None, **extra) -> Reduction:
-    z = sub_mlp_vectors(mlps, torch.float32)  # the layers may come in their own dtype (any_dtype below)
+    z, like = vector_input(mlps)  # the layers may come in their own dtype (any_dtype below)
     if metric is None:
-        return reduce_vectors(z, mlps.template(), k, seed=seed, device=device, kmeans_options=kmeans_options)
+        return reduce_vectors(z, like, k, seed=seed, device=device, kmeans_options=kmeans_options)
     res = kmeans(metric_vectors(mlps, metric), k, seed=seed, device=device, **_options(kmeans_options))
     centers = cluster_means(z, res.labels.to(z.device), k).float()
-    return _reduction(centers, mlps.template(), res)
+    return _reduction(centers, like, res)
 
 
 def reduce_vectors(z: torch.Tensor, like: MLPTensors, k: int, *, seed: int = 0, device="auto",
                    kmeans_options: dict | None = None, **extra) -> Reduction:
-    """`reduce` without a data metric, from the sub-MLP vectors z (`sub_mlp_vectors(mlps, torch.float32)`)
-    and a weightless `like` (`mlps.template()`): the caller may free the weights before the clustering."""
+    """`reduce` without a data metric, from `z, like = vector_input(mlps)` (the float32 sub-MLP vectors and a
+    weightless template): the caller may free the weights before the clustering."""
     res = kmeans(z, k, seed=seed, device=device, **_options(kmeans_options))
     return _reduction(res.centers.to(device=z.device, dtype=torch.float32), like, res)
 
