@@ -258,11 +258,9 @@ def capture_mlp_and_residual(model, layer: int, encoded: list[dict]) -> tuple[to
     return x, r
 
 
-def stats_hooks(family: Family, block: nn.Module, stats: MetricStats, mask: Callable[[], torch.Tensor], *,
-                last: bool = False) -> list:
+def stats_hooks(family: Family, block: nn.Module, stats: MetricStats, mask: Callable[[], torch.Tensor]) -> list:
     """Hooks that add each batch's MLP inputs and pre-activations (the model's own: no second matrix
-    product) at the non-padding tokens of `mask()` to `stats`; with `last`, the pass stops there
-    (`_Stop`). Returns the hook handles."""
+    product) at the non-padding tokens of `mask()` to `stats`. Returns the hook handles."""
     ins = family.projections(block)[0]
     pending: dict = {}
 
@@ -275,12 +273,18 @@ def stats_hooks(family: Family, block: nn.Module, stats: MetricStats, mask: Call
             pending[q] = at_tokens(out, mask())
             if len(pending) == len(ins) + 1:
                 stats.add(pending.pop("x"), [pending.pop(k) for k in range(len(ins))])
-                if last:
-                    raise _Stop
         return hook
 
     return [ins[0].register_forward_pre_hook(on_input)] + \
         [m.register_forward_hook(on_projection(q)) for q, m in enumerate(ins)]
+
+
+def metric_run(family: Family, block: nn.Module, data_aware: bool = True):
+    """(MetricStats of the block's MLP or None, the `hooks` argument of `run_block` that fills it)."""
+    if not data_aware:
+        return None, None
+    stats = MetricStats(family.read(block), family.act(block))
+    return stats, (lambda mask: stats_hooks(family, block, stats, mask))
 
 
 # --- data-aware clustering: input statistics of the original MLPs --------------------------------
@@ -289,29 +293,33 @@ def stats_hooks(family: Family, block: nn.Module, stats: MetricStats, mask: Call
 def data_metrics(model, layers: list[int], texts: list[str], tokenizer, *, max_length: int = 128,
                  batch_size: int = 16) -> dict[int, DataMetric]:
     """The `DataMetric` of each of `layers` (input statistics of the model's own MLPs on `texts`),
-    for data-aware clustering: `fuse(model, config, metrics=data_metrics(model, layers, ...))`."""
+    for data-aware clustering: `fuse(model, config, metrics=data_metrics(model, layers, ...))`.
+
+    Block by block on stored hidden states (`propagate`), as the calibration runs."""
     if not texts:
         raise InvalidConfigError("data-aware clustering needs at least one text sample")
     family = family_of(model)
     blocks = family.block_list(model)
     layers = sorted(set(int(i) for i in layers))
+    encoded = list(batches(texts, tokenizer, max_length=max_length, batch_size=batch_size, model=model, by_length=True))
     was_training = model.training
     model.eval()
-    mask_box: list[torch.Tensor] = []
-    handles = []
+    out: dict[int, DataMetric] = {}
     try:
         with float32(model):
-            stats = [MetricStats(family.read(blocks[i]), family.act(blocks[i])) for i in layers]
-            for j, i in enumerate(layers):
-                last = j == len(layers) - 1  # nothing after the last wanted MLP's projections is needed
-                handles += stats_hooks(family, blocks[i], stats[j], lambda: mask_box[0], last=last)
-            encoded = batches(texts, tokenizer, max_length=max_length, batch_size=batch_size, model=model, by_length=True)
-            run_batches(model, encoded, mask_box)
+            tr = trace(model, family, encoded)
+            h = tr.hidden
+            for i in range(max(layers) + 1 if layers else 0):
+                if i not in layers:
+                    h, _ = run_block(blocks[i], tr, i, h)
+                    continue
+                stats, hooks = metric_run(family, blocks[i])
+                h, _ = run_block(blocks[i], tr, i, h, hooks=hooks)
+                out[i] = stats.metric()
+                del stats
     finally:
-        for h in handles:
-            h.remove()
         model.train(was_training)
-    return {i: st.metric() for i, st in zip(layers, stats)}
+    return out
 
 
 # --- the two steps on one layer -----------------------------------------------------------------

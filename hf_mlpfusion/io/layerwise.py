@@ -36,14 +36,12 @@ import time
 from pathlib import Path
 from typing import Callable
 
-import torch
 
 from ..allocate import Allocation, choose, layer_errors, plan_candidates
-from ..calibrate import (DISTILL_LR, RIDGE, batches, cast_float32, check_calibration_options, fit_layer, mlp_points,
-                         stats_hooks, summary)
+from ..calibrate import (DISTILL_LR, RIDGE, batches, cast_float32, check_calibration_options, fit_layer, metric_run,
+                         mlp_points, summary)
 from ..checks import check_finite, check_tensor_finite
 from ..config import FusionConfig
-from ..core.metric import MetricStats
 from ..families import family_of
 from ..fuse import copy_non_persistent_buffers, reduce_layers, reduction_entries
 from ..propagate import run_block, trace
@@ -111,14 +109,6 @@ def _trace(lazy: LazyModel, blocks: _Blocks, encoded: list[dict]):
         lazy.release(names)
 
 
-def _metric_run(family, block, data_aware: bool):
-    """(MetricStats of the block's MLP or None, the `hooks` argument of run_block that fills it)."""
-    if not data_aware:
-        return None, None
-    stats = MetricStats(family.read(block), family.act(block))
-    return stats, (lambda mask: stats_hooks(family, block, stats, mask))
-
-
 def measure(lazy: LazyModel, blocks: _Blocks, tr, config: FusionConfig, layers: list[int], data_aware: bool,
             say: Callable[[str], None]) -> Allocation:
     """Allocation a block at a time (see the module docstring): the same errors as `allocate.allocate`."""
@@ -134,7 +124,7 @@ def measure(lazy: LazyModel, blocks: _Blocks, tr, config: FusionConfig, layers: 
             blocks.release(i)
             continue
         say(f"measuring layer {i} at {len(cands[i])} widths")
-        stats, hooks = _metric_run(family, block, data_aware)
+        stats, hooks = metric_run(family, block, data_aware)
         h, got = run_block(block, tr, i, h, capture=mlp_points(family, block), hooks=hooks)
         metrics = {i: stats.metric()} if stats is not None else None
         reds = {w: reduce_layers({i: family.read(block)}, {i: w}, config, metrics)[i] for w in cands[i]}
@@ -165,7 +155,7 @@ def fuse_and_calibrate(p: StreamPlan, blocks: _Blocks, tr, cal: Calibration, wri
             blocks.release(i)
             continue
         say(f"fusing and calibrating layer {i} ({layers.index(i) + 1}/{len(layers)})")
-        stats, hooks = _metric_run(family, block_o, cal.data_aware)
+        stats, hooks = metric_run(family, block_o, cal.data_aware)
         shared = h_f is h_o  # the first fused layer: both models' inputs, attention included, are the same
         next_o, got_o = run_block(block_o, tr, i, h_o, capture=mlp_points(family, block_o, mlp_input=shared),
                                   capture_output={"y": family.projections(block_o)[1]}, hooks=hooks)
