@@ -5,7 +5,11 @@
 The test suite runs on CPU only (CI has no GPU), so what needs CUDA lives here:
 1. k-means on CUDA is deterministic and matches the CPU's quality;
 2. fuse() with device="cuda" gives the same kind of model as on the CPU, and ratio 1 stays exact;
-3. the issue's GPU target: the RoBERTa-base-shaped problem (12 x 3072 x 1537, k=768) timed.
+3. calibration on CUDA (statistics, allocation, refit, distillation): a calibrated compress with
+   device="cuda" writes the same bytes in memory and block by block, and again on a second run; the
+   refit lowers every layer's error; the in-memory calibration leaves both models on the CPU in their
+   own dtype; the fused model stays close to the CPU-calibrated one;
+4. the issue's GPU target: the RoBERTa-base-shaped problem (12 x 3072 x 1537, k=768) timed.
 """
 from __future__ import annotations
 
@@ -39,6 +43,8 @@ def main() -> int:
     assert tiny.max_diff(tiny.outputs(m, "GPT2LMHeadModel"), tiny.outputs(exact, "GPT2LMHeadModel")) < 1e-5
     print("fuse on cuda: ratio 1 exact")
 
+    check_calibration_on_cuda(tiny)
+
     g = torch.Generator().manual_seed(0)
     d, p = 768, 3072
     z = torch.cat([torch.randn(12, p, d, generator=g) * 0.02, torch.randn(12, p, 1, generator=g) * 0.02,
@@ -52,6 +58,65 @@ def main() -> int:
     print(f"| roberta-shaped (12 x 3072 x 1537, k=768) | {torch.cuda.get_device_name(0)} | {secs:.2f} s | "
           f"summed inertia {float(res.inertia.sum()):,.1f} | target < 2 s: {'met' if secs < 2 else 'missed'} |")
     return 0
+
+
+def check_calibration_on_cuda(tiny) -> None:
+    import hashlib
+    import json
+    import tempfile
+    from pathlib import Path
+
+    from test_evaluate import tiny_tokenizer
+
+    from hf_mlpfusion import FusionConfig
+    from hf_mlpfusion.calibrate import calibrate
+    from hf_mlpfusion.compress import compress
+    from hf_mlpfusion.data import load_texts
+    from hf_mlpfusion.fuse import fuse
+
+    def digest(folder: Path) -> str:
+        h = hashlib.sha256()
+        for f in sorted(folder.glob("*.safetensors")) + [folder / "config.json"]:
+            h.update(f.name.encode() + f.read_bytes())
+        return h.hexdigest()
+
+    with tempfile.TemporaryDirectory() as d:
+        d = Path(d)
+        tok = tiny_tokenizer(d / "tok")
+        for model_type, head, dtype in [("llama", "LlamaForCausalLM", torch.bfloat16), ("bert", "BertModel", torch.float32),
+                                        ("gpt2", "GPT2LMHeadModel", torch.float16)]:
+            src = d / f"src-{model_type}"
+            tiny.model(model_type, head, layers=4).to(dtype).save_pretrained(src)
+            tok.save_pretrained(src)
+            for name, kw in [("refit", {}), ("allocate", {"allocate": True}), ("distill", {"distill_steps": 20})]:
+                got = {}
+                for run, streaming in [("stream", True), ("memory", False), ("again", True)]:
+                    out = d / f"{model_type}-{name}-{run}"
+                    compress(str(src), FusionConfig(ratio=0.5, layers=[1, 3], seed=1, device="cuda"), out,
+                             streaming=streaming, calibration="builtin", calibration_samples=48, **kw)
+                    got[run] = digest(out)
+                    cal = json.loads((out / "config.json").read_text())["mlpfusion"]["calibration"]["layers"]
+                    assert all(e["error_after"] <= e["error_before"] for e in cal), cal
+                assert got["stream"] == got["memory"], f"{model_type} {name}: in memory and block by block differ on CUDA"
+                assert got["stream"] == got["again"], f"{model_type} {name}: two runs on CUDA differ"
+                print(f"calibrated compress on cuda, {model_type} {dtype} {name}: same bytes both paths and twice")
+
+        # in memory: the blocks visit the GPU and come back, in their own dtype, with the refit
+        m = tiny.model("llama", "LlamaForCausalLM", layers=4).to(torch.bfloat16)
+        texts = load_texts(None, split="calibration", limit=48)
+        fused = {dev: fuse(m, FusionConfig(ratio=0.5, layers=[1, 3], seed=1)) for dev in ("cpu", "cuda")}
+        for dev, f in fused.items():
+            calibrate(m, f, texts, tok, device=dev)
+        for model in (m, fused["cuda"]):
+            where = {(t.device.type, t.dtype) for t in list(model.parameters()) + list(model.buffers())
+                     if t.is_floating_point() and t.dtype != torch.float32}
+            assert where == {("cpu", torch.bfloat16)}, where
+        sa, sb = fused["cpu"].state_dict(), fused["cuda"].state_dict()
+        worst = max(float((sa[k].float() - sb[k].float()).abs().max() / sa[k].float().abs().max().clamp_min(1e-12))
+                    for k in sa if sa[k].is_floating_point())
+        assert worst < 0.05, f"CUDA calibration far from the CPU's: {worst:.3g} relative"
+        print(f"calibrate(device='cuda') in memory: models back on the CPU in bfloat16; "
+              f"largest relative difference to the CPU's calibration {worst:.2e}")
 
 
 if __name__ == "__main__":

@@ -98,18 +98,19 @@ def choose(errors: dict[int, dict[int, float]], budget: int) -> dict[int, int]:
 def _refit_error(h: torch.Tensor, y: torch.Tensor, w: torch.Tensor, has_bias: bool, ridge: float) -> tuple:
     """Normal-equation pieces of the weighted least squares of y on [h, 1]."""
     if has_bias:
-        h = torch.cat([h, torch.ones(h.shape[0], 1, dtype=h.dtype)], dim=1)
+        h = torch.cat([h, torch.ones(h.shape[0], 1, dtype=h.dtype, device=h.device)], dim=1)
     hw = h * w[:, None]
     return hw.T @ h, hw.T @ y, float((w[:, None] * y.pow(2)).sum())
 
 
 def allocate(model, config: FusionConfig, texts: list[str], tokenizer, *, metrics=None, factors=DEFAULT_FACTORS,
              max_length: int = 128, batch_size: int = 16, ridge: float = 1e-6,
-             progress: Callable[[str], None] | None = None) -> Allocation:
-    """Choose the fused width of every layer `config` fuses, under its budget (see the module docstring)."""
+             progress: Callable[[str], None] | None = None, device=None) -> Allocation:
+    """Choose the fused width of every layer `config` fuses, under its budget (see the module docstring).
+    `device`: where the blocks run and the errors are measured (None: where the model is)."""
     from .calibrate import batches, float32, mlp_points
     from .fuse import reduce_layers
-    from .propagate import run_block, trace
+    from .propagate import compute_device, on_device, run_block, trace
 
     say = progress or (lambda msg: None)
     family = family_of(model)
@@ -131,15 +132,17 @@ def allocate(model, config: FusionConfig, texts: list[str], tokenizer, *, metric
     model.eval()
     try:
         with float32(model):
-            tr = trace(model, family, encoded)
+            dev = compute_device(model, device)
+            tr = trace(model, family, encoded).to(dev)
             h_cur = tr.hidden
             for i in range(max(layers) + 1):
-                if i not in errors:
-                    h_cur, _ = run_block(blocks[i], tr, i, h_cur)
-                    continue
-                say(f"measuring layer {i} at {len(cands[i])} widths")
-                h_cur, got = run_block(blocks[i], tr, i, h_cur, capture=mlp_points(family, blocks[i]))
-                errors[i] = layer_errors(family, blocks[i], got, {w: reductions[(i, w)] for w in cands[i]}, ridge)
+                with on_device(blocks[i], dev):
+                    if i not in errors:
+                        h_cur, _ = run_block(blocks[i], tr, i, h_cur)
+                        continue
+                    say(f"measuring layer {i} at {len(cands[i])} widths")
+                    h_cur, got = run_block(blocks[i], tr, i, h_cur, capture=mlp_points(family, blocks[i]))
+                    errors[i] = layer_errors(family, blocks[i], got, {w: reductions[(i, w)] for w in cands[i]}, ridge)
     finally:
         model.train(was)
     widths = choose(errors, budget)
@@ -168,15 +171,15 @@ def layer_errors(family, block, got: dict[str, torch.Tensor], candidates: dict[i
     n = x.shape[0]
     out = {}
     for w, red in candidates.items():
-        m = red.mlps.map(lambda t: t.double())
+        m = red.mlps.map(lambda t: t.to(x.device, torch.float64))  # the reductions may sit elsewhere
         with torch.no_grad():
             pre = [x.double() @ wi[0].T + (0 if b is None else b[0]) for wi, b in zip(m.ins, m.in_biases)]
             h = hidden(m.kind, act, pre)
             if red.counts is not None:
-                h = h * red.counts.double()
+                h = h * red.counts.to(x.device, torch.float64)
         A, B, yy = _refit_error(h, y, wt, has_bias, ridge)
         lam = ridge * float(A.diagonal().mean().clamp_min(1e-30))
-        reg = torch.eye(A.shape[0], dtype=A.dtype) * lam
+        reg = torch.eye(A.shape[0], dtype=A.dtype, device=A.device) * lam
         if has_bias:
             reg[-1, -1] = 0.0
         W = solve_normal(A + reg, B)

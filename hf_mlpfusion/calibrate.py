@@ -34,7 +34,7 @@ from .core.metric import DataMetric, MetricStats
 from .core.mlp import hidden
 from .errors import InvalidConfigError
 from .families import Family, family_of
-from .propagate import at_tokens, run_block, trace
+from .propagate import at_tokens, compute_device, on_device, run_block, trace
 
 RIDGE = 1e-6  # times the mean diagonal of the normal matrix
 GRAM_DTYPE = torch.float32  # products of one chunk of tokens in the refit, summed over chunks in float64
@@ -291,11 +291,12 @@ def metric_run(family: Family, block: nn.Module, data_aware: bool = True):
 
 
 def data_metrics(model, layers: list[int], texts: list[str], tokenizer, *, max_length: int = 128,
-                 batch_size: int = 16) -> dict[int, DataMetric]:
+                 batch_size: int = 16, device=None) -> dict[int, DataMetric]:
     """The `DataMetric` of each of `layers` (input statistics of the model's own MLPs on `texts`),
     for data-aware clustering: `fuse(model, config, metrics=data_metrics(model, layers, ...))`.
 
-    Block by block on stored hidden states (`propagate`), as the calibration runs."""
+    Block by block on stored hidden states (`propagate`), each block and its statistics on `device`
+    (None: where the model is); the model itself stays where it is."""
     if not texts:
         raise InvalidConfigError("data-aware clustering needs at least one text sample")
     family = family_of(model)
@@ -307,16 +308,18 @@ def data_metrics(model, layers: list[int], texts: list[str], tokenizer, *, max_l
     out: dict[int, DataMetric] = {}
     try:
         with float32(model):
-            tr = trace(model, family, encoded)
+            dev = compute_device(model, device)
+            tr = trace(model, family, encoded).to(dev)
             h = tr.hidden
             for i in range(max(layers) + 1 if layers else 0):
-                if i not in layers:
-                    h, _ = run_block(blocks[i], tr, i, h)
-                    continue
-                stats, hooks = metric_run(family, blocks[i])
-                h, _ = run_block(blocks[i], tr, i, h, hooks=hooks)
-                out[i] = stats.metric()
-                del stats
+                with on_device(blocks[i], dev):
+                    if i not in layers:
+                        h, _ = run_block(blocks[i], tr, i, h)
+                        continue
+                    stats, hooks = metric_run(family, blocks[i])
+                    h, _ = run_block(blocks[i], tr, i, h, hooks=hooks)
+                    out[i] = stats.metric()
+                    del stats
     finally:
         model.train(was_training)
     return out
@@ -329,10 +332,12 @@ def _sq_error(family: Family, block, x, y, w: torch.Tensor | None = None, chunk:
     """sum_t w_t ||f'(x_t) - y_t||^2 (w = 1 when None)."""
     total = 0.0
     dtype = mlp_dtype(family, block)
+    dev = family.projections(block)[1].weight.device
     with torch.no_grad():
         for s in range(0, x.shape[0], chunk):
-            e = (mlp_apply(family, block, x[s : s + chunk].to(dtype)).double() - y[s : s + chunk].double()).pow(2).sum(1)
-            total += float((e * w[s : s + chunk].double()).sum() if w is not None else e.sum())
+            e = (mlp_apply(family, block, x[s : s + chunk].to(dev, dtype)).double()
+                 - y[s : s + chunk].to(dev).double()).pow(2).sum(1)
+            total += float((e * w[s : s + chunk].to(dev).double()).sum() if w is not None else e.sum())
     return total
 
 
@@ -369,17 +374,18 @@ def refit_layer(family: Family, block: nn.Module, x: torch.Tensor, y: torch.Tens
     cur = family.read(block)
     k = cur.width
     m = k + int(has_bias)
-    dtype = out.weight.dtype
-    A = torch.zeros(m, m, dtype=torch.float64)
-    B = torch.zeros(m, y.shape[1], dtype=torch.float64)
+    dtype, dev = out.weight.dtype, out.weight.device
+    A = torch.zeros(m, m, dtype=torch.float64, device=dev)
+    B = torch.zeros(m, y.shape[1], dtype=torch.float64, device=dev)
     yy = 0.0
     with torch.no_grad():
         for s in range(0, x.shape[0], chunk):
-            h = mlp_hidden(family, block, x[s : s + chunk].to(dtype)).to(GRAM_DTYPE)  # counts included
+            h = mlp_hidden(family, block, x[s : s + chunk].to(dev, dtype)).to(GRAM_DTYPE)  # counts included
             if has_bias:
-                h = torch.cat([h, torch.ones(h.shape[0], 1, dtype=h.dtype)], dim=1)
-            t = y[s : s + chunk].to(GRAM_DTYPE)
-            wt = w[s : s + chunk].to(GRAM_DTYPE)[:, None] if w is not None else torch.ones(h.shape[0], 1, dtype=h.dtype)
+                h = torch.cat([h, torch.ones(h.shape[0], 1, dtype=h.dtype, device=dev)], dim=1)
+            t = y[s : s + chunk].to(dev, GRAM_DTYPE)
+            wt = w[s : s + chunk].to(dev, GRAM_DTYPE)[:, None] if w is not None else \
+                torch.ones(h.shape[0], 1, dtype=h.dtype, device=dev)
             hw = h * wt
             A += (hw.T @ h).double()
             B += (hw.T @ t).double()
@@ -390,7 +396,7 @@ def refit_layer(family: Family, block: nn.Module, x: torch.Tensor, y: torch.Tens
         return float((W * (A @ W)).sum() - 2 * (W * B).sum() + yy)
 
     lam = ridge * float(A.diagonal().mean().clamp_min(1e-30))
-    reg = torch.eye(m, dtype=torch.float64) * lam
+    reg = torch.eye(m, dtype=torch.float64, device=dev) * lam
     if has_bias:
         reg[-1, -1] = 0.0  # do not shrink the bias
     rhs = B + reg @ old if toward_current else B
@@ -417,15 +423,15 @@ def distill_layer(family: Family, block: nn.Module, x: torch.Tensor, y: torch.Te
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.Adam(params, lr=lr)
-    gen = torch.Generator().manual_seed(int(seed))
-    ww = w if w is not None else torch.ones(x.shape[0])
+    gen = torch.Generator().manual_seed(int(seed))  # on the CPU: the same draws on every device
+    ww = w if w is not None else torch.ones(x.shape[0], device=x.device)
     scale = float((ww[:, None] * y.pow(2)).mean().clamp_min(1e-12))
     n = x.shape[0]
     dtype = out.weight.dtype
     try:
         with torch.enable_grad():
             for _ in range(steps):
-                idx = torch.randint(0, n, (min(batch_tokens, n),), generator=gen)
+                idx = torch.randint(0, n, (min(batch_tokens, n),), generator=gen).to(x.device)
                 pred = mlp_apply(family, block, x[idx].to(dtype))
                 loss = (ww[idx, None] * (pred.float() - y[idx].float()).pow(2)).mean() / scale
                 opt.zero_grad(set_to_none=True)
@@ -450,8 +456,11 @@ def distill_layer(family: Family, block: nn.Module, x: torch.Tensor, y: torch.Te
 def calibrate(original, fused, texts: list[str], tokenizer, *, refit: bool = True, distill_steps: int = 0,
               max_length: int = 128, batch_size: int = 16, seed: int = 0, ridge: float = RIDGE,
               distill_lr: float = DISTILL_LR, target: str = "residual", weighting: str = "token",
-              progress: Callable[[str], None] | None = None) -> dict:
+              progress: Callable[[str], None] | None = None, device=None) -> dict:
     """Calibrate `fused` (in place) towards `original` on `texts`; returns a JSON-able summary.
+
+    `device`: where the blocks run and the activations, refit and distillation live (None: where the
+    fused model is); each block visits it in turn and both models stay where they are.
 
     Layer by layer, in order: capture the inputs of the fused layer's MLP in the fused model (so the
     already calibrated layers before it shape them), then refit (closed form) and/or distill towards
@@ -485,7 +494,8 @@ def calibrate(original, fused, texts: list[str], tokenizer, *, refit: bool = Tru
         with float32(original, fused):
             report, tokens = _calibrate_layers(original, fused, fo, ff, blocks_o, blocks_f, layers, encoded, refit=refit,
                                                distill_steps=distill_steps, seed=seed, ridge=ridge,
-                                               distill_lr=distill_lr, target=target, weighting=weighting, say=say)
+                                               distill_lr=distill_lr, target=target, weighting=weighting, say=say,
+                                               device=compute_device(fused, device))
     finally:
         original.train(was_training[0])
         fused.train(was_training[1])
@@ -536,38 +546,41 @@ def mlp_points(family: Family, block: nn.Module, *, mlp_input: bool = True) -> d
 
 
 def _calibrate_layers(original, fused, fo, ff, blocks_o, blocks_f, layers, encoded, *, refit, distill_steps, seed,
-                      ridge, distill_lr, target, weighting, say):
+                      ridge, distill_lr, target, weighting, say, device):
     """The layer-by-layer loop of `calibrate` (models already in float32 and eval mode).
 
     Both models run one block at a time on stored hidden states (`propagate`): every block once,
-    so the cost is linear in depth. Up to the first fused layer the two models agree and share them."""
+    so the cost is linear in depth. Up to the first fused layer the two models agree and share them.
+    Block i of both models is on `device` while it runs."""
     report = []
     tokens = 0
-    tr_o, tr_f = trace(original, fo, encoded), trace(fused, ff, encoded)
+    tr_o, tr_f = trace(original, fo, encoded).to(device), trace(fused, ff, encoded).to(device)
     h_o = tr_o.hidden
     h_f = h_o  # identical until the first fused layer
     todo = set(layers)
     for i in range(max(layers) + 1 if layers else 0):
-        if i not in todo:
-            h_o, _ = run_block(blocks_o[i], tr_o, i, h_o)
-            h_f = h_o if h_f is h_o and i < min(layers) else run_block(blocks_f[i], tr_f, i, h_f)[0]
-            continue
-        say(f"calibrating layer {i} ({layers.index(i) + 1}/{len(layers)})")
-        # the original's MLP output at its own inputs comes with the run (hooked, not recomputed)
-        shared = h_f is h_o  # the first fused layer: both models' inputs, attention included, are the same
-        next_o, got_o = run_block(blocks_o[i], tr_o, i, h_o, capture=mlp_points(fo, blocks_o[i], mlp_input=shared),
-                                  capture_output={"y": fo.projections(blocks_o[i])[1]})
-        if shared:
-            got_f = got_o
-        else:
-            _, got_f = run_block(blocks_f[i], tr_f, i, h_f, capture=mlp_points(ff, blocks_f[i]))
-        entry = fit_layer(fo, ff, blocks_o[i], blocks_f[i], i, got_o, got_f, refit=refit, distill_steps=distill_steps,
-                          seed=seed, ridge=ridge, distill_lr=distill_lr, target=target, weighting=weighting)
-        tokens = got_f["x"].shape[0]
-        report.append(entry)
-        h_o = next_o
-        if i < max(layers):  # the hidden states after the last calibrated layer are not needed
-            h_f = run_block(blocks_f[i], tr_f, i, h_f)[0]  # with the calibrated MLP
+        with on_device(blocks_o[i], device), on_device(blocks_f[i], device):
+            if i not in todo:
+                h_o, _ = run_block(blocks_o[i], tr_o, i, h_o)
+                h_f = h_o if h_f is h_o and i < min(layers) else run_block(blocks_f[i], tr_f, i, h_f)[0]
+                continue
+            say(f"calibrating layer {i} ({layers.index(i) + 1}/{len(layers)})")
+            # the original's MLP output at its own inputs comes with the run (hooked, not recomputed)
+            shared = h_f is h_o  # the first fused layer: both models' inputs, attention included, are the same
+            next_o, got_o = run_block(blocks_o[i], tr_o, i, h_o, capture=mlp_points(fo, blocks_o[i], mlp_input=shared),
+                                      capture_output={"y": fo.projections(blocks_o[i])[1]})
+            if shared:
+                got_f = got_o
+            else:
+                _, got_f = run_block(blocks_f[i], tr_f, i, h_f, capture=mlp_points(ff, blocks_f[i]))
+            entry = fit_layer(fo, ff, blocks_o[i], blocks_f[i], i, got_o, got_f, refit=refit,
+                              distill_steps=distill_steps, seed=seed, ridge=ridge, distill_lr=distill_lr,
+                              target=target, weighting=weighting)
+            tokens = got_f["x"].shape[0]
+            report.append(entry)
+            h_o = next_o
+            if i < max(layers):  # the hidden states after the last calibrated layer are not needed
+                h_f = run_block(blocks_f[i], tr_f, i, h_f)[0]  # with the calibrated MLP
     return report, tokens
 
 

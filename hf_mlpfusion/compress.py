@@ -357,12 +357,12 @@ def load_source_tokenizer(folder: Path):
         ) from None
 
 
-def _calibrate(model, fused, texts, tokenizer, refit, distill_steps, seed, say) -> None:
+def _calibrate(model, fused, texts, tokenizer, refit, distill_steps, seed, say, device) -> None:
     from .calibrate import calibrate
 
     say(f"calibrating on {len(texts)} samples")
     summary = calibrate(model, fused, texts, tokenizer, refit=refit, distill_steps=distill_steps,
-                        seed=seed, progress=say)
+                        seed=seed, progress=say, device=device)
     fused.config.mlpfusion["calibration"] = summary
 
 
@@ -528,13 +528,15 @@ def compress(model_id: str | None = None, config: FusionConfig | None = None, ou
         say(f"loading {source_dir}")
         model = ckpt.load()
     seconds["load"] = time.perf_counter() - t0
+    device = resolve_device(config.device)  # the blocks run there for statistics, allocation and calibration
 
     if data_aware:
         from .calibrate import data_metrics
 
         t0 = time.perf_counter()
         say(f"measuring the MLP inputs on {len(texts)} samples (data-aware clustering)")
-        metrics = data_metrics(model, config.resolve_layers(family.num_layers(model.config)), texts, tokenizer)
+        metrics = data_metrics(model, config.resolve_layers(family.num_layers(model.config)), texts, tokenizer,
+                               device=device)
         seconds["statistics"] = time.perf_counter() - t0
 
     allocation = None
@@ -545,7 +547,7 @@ def compress(model_id: str | None = None, config: FusionConfig | None = None, ou
 
         t0 = time.perf_counter()
         say("measuring each layer at candidate widths (allocation)")
-        allocation = allocate_widths(model, config, texts, tokenizer, metrics=metrics, progress=say)
+        allocation = allocate_widths(model, config, texts, tokenizer, metrics=metrics, progress=say, device=device)
         config = replace(config, widths=allocation.widths)
         seconds["allocate"] = time.perf_counter() - t0
 
@@ -564,7 +566,7 @@ def compress(model_id: str | None = None, config: FusionConfig | None = None, ou
 
     if texts is not None:
         t0 = time.perf_counter()
-        _calibrate(model, fused, texts, tokenizer, calibration is not None, distill_steps, config.seed, say)
+        _calibrate(model, fused, texts, tokenizer, calibration is not None, distill_steps, config.seed, say, device)
         # which text, for the card: "builtin" or the file's name (never its path)
         fused.config.mlpfusion["calibration"]["text"] = _text_name(calibration)
         seconds["calibrate"] = time.perf_counter() - t0

@@ -12,11 +12,18 @@ module runs every block once instead:
 
 Hooks can be put on any module inside the block while it runs (`run_block(..., capture=...)`), which
 is how calibration reads the MLP's input and the residual stream at the non-padding tokens.
+
+Devices: the trace runs where the model's embeddings are (the CPU, as loaded); `Trace.to(device)` then
+moves what it recorded, and each block is put on the device while it runs (`on_device`), so the blocks,
+the captured activations and everything computed from them (statistics, refit, distillation) are on
+`--device`, while the model stays where it is. Every path (in memory and block by block) takes this
+same route, so they compute the same numbers on any device.
 """
 
 from __future__ import annotations
 
 import inspect
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -40,6 +47,31 @@ class Trace:
     masks: list[torch.Tensor]  # [B, T] attention mask per batch
     tuple_output: bool = False  # whether a block returns a tuple (hidden states first)
     extra: list = field(default_factory=list)
+
+    def to(self, device) -> "Trace":
+        """This trace with every recorded tensor on `device`, in place (a no-op where they are already).
+        A tensor that several blocks or batches share (attention masks, rotary embeddings) stays one tensor."""
+        device = as_device(device)
+        moved: dict[int, torch.Tensor] = {}
+
+        def move(v):
+            if isinstance(v, torch.Tensor):
+                if v.device == device:
+                    return v
+                if id(v) not in moved:
+                    moved[id(v)] = v.to(device)
+                return moved[id(v)]
+            if isinstance(v, tuple):
+                return tuple(move(u) for u in v)
+            if isinstance(v, list):
+                return [move(u) for u in v]
+            if isinstance(v, dict):
+                return {k: move(u) for k, u in v.items()}
+            return v
+
+        # all at once: every tensor moved stays alive until the last is, so no two share an id()
+        self.hidden, self.args, self.kwargs, self.masks = move((self.hidden, self.args, self.kwargs, self.masks))
+        return self
 
 
 def _block_output(out):
@@ -110,8 +142,46 @@ def trace(model: nn.Module, family: Family, encoded: list[dict], device=None) ->
 
 
 def at_tokens(t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """`t` ([B, T, ...]) at the non-padding tokens of `mask` ([B, T]): [N, ...], float32, on the CPU."""
-    return t[mask.to(t.device).bool()].detach().float().cpu()
+    """`t` ([B, T, ...]) at the non-padding tokens of `mask` ([B, T]): [N, ...], float32, where `t` is."""
+    return t[mask.to(t.device).bool()].detach().float()
+
+
+def move_tensors(module: nn.Module, device) -> list[tuple[torch.Tensor, torch.device]]:
+    """Put `module`'s parameters and buffers on `device`, in place (`.data`): they stay the objects the
+    model, a `float32` context or a `LazyModel` knows. Tensors on the meta device stay there.
+    Returns (tensor, where it was) of each one moved."""
+    device = as_device(device)
+    moved = []
+    for t in list(module.parameters()) + list(module.buffers()):
+        if not t.is_meta and t.device != device:
+            moved.append((t, t.device))
+            t.data = t.data.to(device)
+    return moved
+
+
+@contextmanager
+def on_device(module: nn.Module, device):
+    """`module` on `device` inside the context (`move_tensors`), each tensor back where it was after,
+    with what changed on the device (a refit). A no-op when everything is on `device` already."""
+    moved = move_tensors(module, device)
+    try:
+        yield module
+    finally:
+        for t, where in moved:
+            t.data = t.data.to(where)
+
+
+def as_device(device) -> torch.device:
+    """`device` as a torch.device with its index ("cuda" -> "cuda:N", the current one), as tensors report it."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def compute_device(model: nn.Module, device=None) -> torch.device:
+    """The device the blocks run on: `device`, or (None) where the model's first parameter is."""
+    return as_device(device) if device is not None else next(model.parameters()).device
 
 
 def run_block(block: nn.Module, trace_: Trace, i: int, hidden: list[torch.Tensor],
@@ -120,7 +190,7 @@ def run_block(block: nn.Module, trace_: Trace, i: int, hidden: list[torch.Tensor
               hooks: Callable[[Callable[[], torch.Tensor]], list] | None = None) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
     """Block i on `hidden` (one tensor per batch): its outputs, and the first input of each module in
     `capture` (the output of each module in `capture_output`) at the non-padding tokens ([N, d]
-    float32 on the CPU, batches concatenated). `hooks(mask)` may register more hooks for the run
+    float32 where the block runs, batches concatenated). `hooks(mask)` may register more hooks for the run
     (`mask()`: the running batch's attention mask) and returns their handles."""
     got: dict[str, list[torch.Tensor]] = {name: [] for name in (*(capture or {}), *(capture_output or {}))}
     mask_box: list[torch.Tensor] = []
@@ -148,4 +218,4 @@ def run_block(block: nn.Module, trace_: Trace, i: int, hidden: list[torch.Tensor
     return outs, {name: torch.cat(v) if v else torch.empty(0) for name, v in got.items()}
 
 
-__all__ = ["Trace", "at_tokens", "run_block", "trace"]
+__all__ = ["Trace", "as_device", "at_tokens", "compute_device", "move_tensors", "on_device", "run_block", "trace"]

@@ -83,26 +83,28 @@ class MetricStats:
         self.biased = any(b is not None for b in mlp.in_biases)
         d, p = mlp.hidden_size, mlp.width
         e = d + int(self.biased)
-        self.xx = torch.zeros(e, e, dtype=torch.float64)
-        self.h2 = torch.zeros(p, dtype=torch.float64)
-        self.grad2 = torch.zeros(len(mlp.ins), p, dtype=torch.float64)
+        self.device = dev = mlp.out.device  # the sums live where the MLP is
+        self.xx = torch.zeros(e, e, dtype=torch.float64, device=dev)
+        self.h2 = torch.zeros(p, dtype=torch.float64, device=dev)
+        self.grad2 = torch.zeros(len(mlp.ins), p, dtype=torch.float64, device=dev)
         self.out_norm2 = self.mlp.out[0].double().pow(2).sum(0)  # ||W_out[:, i]||^2
         self.n = 0
 
     def add(self, x: torch.Tensor, pre: list[torch.Tensor] | None = None) -> None:
-        """Add the statistics of x [N, d] (float32, on the CPU); `pre`: the input projections' outputs
-        at x when the caller has them already (one [N, p] per input), else computed here."""
+        """Add the statistics of x [N, d] (float32, moved to where the MLP is); `pre`: the input projections'
+        outputs at x when the caller has them already (one [N, p] per input), else computed here."""
         # float32 products of one batch, summed over batches in float64: a batch holds a few hundred
         # to a few thousand tokens, where float32 sums keep ~1e-6 relative accuracy
+        x = x.to(self.device)
         xa = x.float()
         if self.biased:
-            xa = torch.cat([xa, torch.ones(x.shape[0], 1, dtype=xa.dtype)], dim=1)
+            xa = torch.cat([xa, torch.ones(x.shape[0], 1, dtype=xa.dtype, device=xa.device)], dim=1)
         self.xx += (xa.T @ xa).double()
         w0 = self.mlp.ins[0]
         if pre is None:
             pre = [torch.nn.functional.linear(x.to(w0), w[0], None if b is None else b[0]) for w, b in
                    zip(self.mlp.ins, self.mlp.in_biases)]
-        pre = [a.detach().float().cpu() for a in pre]
+        pre = [a.detach().float().to(self.device) for a in pre]
         with torch.enable_grad():
             pre = [a.requires_grad_(True) for a in pre]
             h = hidden(self.mlp.kind, self.act, pre)
@@ -115,7 +117,7 @@ class MetricStats:
     def metric(self) -> DataMetric:
         n = max(self.n, 1)
         S = self.xx / n
-        eye = torch.eye(S.shape[0], dtype=S.dtype)
+        eye = torch.eye(S.shape[0], dtype=S.dtype, device=S.device)
         jitter = 1e-6 * float(S.diagonal().mean().clamp_min(1e-30))
         # inputs confined to a subspace (fewer tokens than features, a norm that removes a direction) make
         # S singular, and its rounding can leave an eigenvalue below -jitter: add ten times more until it

@@ -24,6 +24,10 @@ them, so the output is byte for byte the in-memory path's (tests/test_layerwise.
 calibration activations (the hidden states of both models at one layer boundary, and one layer's
 MLP inputs, residuals and outputs at the tokens) plus two blocks and one layer's k-means.
 
+Devices: the trace runs on the CPU (as the in-memory path traces) and then moves to `--device`; every
+block is read from the files straight onto it, so the blocks, the activations, the statistics, the
+refit and the distillation are all there (`propagate`); the fused tensors come back to be written.
+
 With allocation the k-means of each layer's chosen width runs twice (measure, then fuse) rather than
 keeping every candidate reduction of every layer, which would grow with the model.
 """
@@ -36,6 +40,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import torch
 
 from ..allocate import Allocation, choose, layer_errors, plan_candidates
 from ..calibrate import (DISTILL_LR, RIDGE, batches, cast_float32, check_calibration_options, fit_layer, metric_run,
@@ -43,8 +48,8 @@ from ..calibrate import (DISTILL_LR, RIDGE, batches, cast_float32, check_calibra
 from ..checks import check_finite, check_tensor_finite
 from ..config import FusionConfig
 from ..families import family_of
-from ..fuse import copy_non_persistent_buffers, reduce_layers, reduction_entries
-from ..propagate import run_block, trace
+from ..fuse import copy_non_persistent_buffers, reduce_layers, reduction_entries, resolve_device
+from ..propagate import as_device, move_tensors, run_block, trace
 from .reader import LazyModel, NotStreamable
 from .stream import BATCH_INDEPENDENT, StreamPlan, copy_unchanged, finish_config, plan, return_freed_memory
 from .writer import DEFAULT_MAX_SHARD_SIZE, ShardedWriter
@@ -66,20 +71,24 @@ class Calibration:
 
 
 class _Blocks:
-    """The source's blocks, one at a time, in float32 and checked for NaN/inf when loaded."""
+    """The source's blocks, one at a time, in float32 on `device` and checked for NaN/inf when loaded."""
 
-    def __init__(self, lazy: LazyModel):
+    def __init__(self, lazy: LazyModel, device: torch.device):
         self.lazy = lazy
+        self.device = device
         self.where = str(lazy.source.folder.name)
 
-    def load(self, i: int):
-        block = self.lazy.load_block(i)
+    def load(self, i: int, device: torch.device | None = None):
+        device = self.device if device is None else device
+        block = self.lazy.load_block(i, device)  # read straight onto the device
         check_finite(block, self.where, prefix=f"{self.lazy.block_names[i]}.")
         cast_float32(block)
+        move_tensors(block, device)  # the buffers that are not in the files (rotary frequencies, ...)
         return block
 
     def release(self, i: int) -> None:
         self.lazy.release_block(i)
+        move_tensors(self.lazy.block(i), "cpu")  # what the files do not hold goes back where it was built
         return_freed_memory()
 
 
@@ -93,7 +102,8 @@ def _outside_names(lazy: LazyModel) -> list[str]:
 
 def _trace(lazy: LazyModel, blocks: _Blocks, encoded: list[dict]):
     """`propagate.trace` of the source with only what runs outside the blocks loaded (and block 0,
-    which the trace runs once to learn what a block returns), in float32; released after."""
+    which the trace runs once to learn what a block returns), in float32, on the CPU as the in-memory
+    path traces; released after, and the trace moved to the blocks' device."""
     names = _outside_names(lazy)
     lazy.load(names)
     state = lazy.model.state_dict()
@@ -101,12 +111,13 @@ def _trace(lazy: LazyModel, blocks: _Blocks, encoded: list[dict]):
         check_tensor_finite(n, state[n], blocks.where)
     del state
     cast_float32(lazy.model)
-    blocks.load(0)
+    blocks.load(0, torch.device("cpu"))
     try:
-        return trace(lazy.model, lazy.family, encoded, device="cpu")
+        tr = trace(lazy.model, lazy.family, encoded, device="cpu")
     finally:
         blocks.release(0)
         lazy.release(names)
+    return tr.to(blocks.device)
 
 
 def measure(lazy: LazyModel, blocks: _Blocks, tr, config: FusionConfig, layers: list[int], data_aware: bool,
@@ -183,6 +194,7 @@ def fuse_and_calibrate(p: StreamPlan, blocks: _Blocks, tr, cal: Calibration, wri
         for key in p.fused_keys[i]:
             value = state[key[len(prefix):]].detach()
             value = value.to(lazy.dtype) if value.is_floating_point() else value  # back to the source's dtype
+            value = value.cpu()
             check_tensor_finite(key, value, blocks.where, fused=True)
             writer.write(key, value)
         del block_f, state
@@ -223,7 +235,7 @@ def compress_layerwise(source_dir: Path, config: FusionConfig, output: Path, cal
     seconds = seconds if seconds is not None else {}
     check_calibration_options(distill_steps=cal.distill_steps, texts=cal.texts)
     layers = config.resolve_layers(lazy.num_blocks)
-    blocks = _Blocks(lazy)
+    blocks = _Blocks(lazy, as_device(resolve_device(config.device)))
     encoded = list(batches(cal.texts, cal.tokenizer, max_length=cal.max_length, batch_size=cal.batch_size,
                            model=lazy.model, by_length=True))
     t0 = time.perf_counter()
