@@ -138,7 +138,7 @@ def measure(lazy: LazyModel, blocks: _Blocks, tr, config: FusionConfig, layers: 
         stats, hooks = metric_run(family, block, data_aware)
         h, got = run_block(block, tr, i, h, capture=mlp_points(family, block), hooks=hooks)
         metrics = {i: stats.metric()} if stats is not None else None
-        reds = {w: reduce_layers({i: family.read(block)}, {i: w}, config, metrics)[i] for w in cands[i]}
+        reds = {w: reduce_layers({i: _host_mlp(family, block)}, {i: w}, config, metrics)[i] for w in cands[i]}
         errors[i] = layer_errors(family, block, got, reds, RIDGE)
         del reds, got
         blocks.release(i)
@@ -174,7 +174,7 @@ def fuse_and_calibrate(p: StreamPlan, blocks: _Blocks, tr, cal: Calibration, wri
         metrics = {i: stats.metric()} if stats is not None else None
         if metrics is not None:
             data_tokens = metrics[i].tokens if data_tokens is None else max(data_tokens, metrics[i].tokens)
-        red = reduce_layers({i: family.read(block_o)}, {i: p.new_width[i]}, p.config, metrics)[i]
+        red = reduce_layers({i: _host_mlp(family, block_o)}, {i: p.new_width[i]}, p.config, metrics)[i]
         info[i] = (None if red.inertia is None else float(red.inertia), red.counts is not None)
         block_f = _fused_block(p, i, block_o, red, fused_blocks[i])
         del red
@@ -200,6 +200,13 @@ def fuse_and_calibrate(p: StreamPlan, blocks: _Blocks, tr, cal: Calibration, wri
         del block_f, state
         blocks.release(i)
     return info, report, tokens, data_tokens
+
+
+def _host_mlp(family, block):
+    """The block's MLP tensors on the CPU, where the in-memory path reduces them (its model stays there): the
+    data metric's vectors and the pruning scores are sums whose last bits depend on the device, so both
+    paths compute them on the CPU; the k-means itself runs on --device in both. (No copy on the CPU.)"""
+    return family.read(block).map(lambda t: t.cpu())
 
 
 def _fused_block(p: StreamPlan, i: int, block_o, red, meta_block):
