@@ -67,19 +67,17 @@ def time_minilm_calibration() -> None:
     import tempfile
 
     from hf_mlpfusion import FusionConfig
-    from hf_mlpfusion.compress import compress
+    from hf_mlpfusion.compress import compress, default_model_path
 
     try:
-        from hf_mlpfusion.compress import default_model_path
-
         default_model_path()
     except Exception as e:  # the MiniLM package is not installed here
         print(f"MiniLM calibration timing skipped: {e}")
         return
     with tempfile.TemporaryDirectory() as d:
-        for device in ("cuda", "cpu", "cuda"):  # the first CUDA run warms up
+        for j, device in enumerate(("cuda", "cpu", "cuda")):  # the first CUDA run warms up
             t0 = time.perf_counter()
-            res = compress(None, FusionConfig(ratio=0.25, seed=0, device=device), f"{d}/{device}-{time.time_ns()}",
+            res = compress(None, FusionConfig(ratio=0.25, seed=0, device=device), f"{d}/{j}-{device}",
                            calibration="builtin")
             secs = time.perf_counter() - t0
             print(f"| MiniLM calibrated compress | {device} | {secs:.1f} s whole | stages "
@@ -87,24 +85,18 @@ def time_minilm_calibration() -> None:
 
 
 def check_calibration_on_cuda(tiny) -> None:
-    import hashlib
     import json
     import tempfile
     from pathlib import Path
 
     from test_evaluate import tiny_tokenizer
+    from test_streaming import assert_same_files
 
     from hf_mlpfusion import FusionConfig
     from hf_mlpfusion.calibrate import calibrate
     from hf_mlpfusion.compress import compress
     from hf_mlpfusion.data import load_texts
     from hf_mlpfusion.fuse import fuse
-
-    def digest(folder: Path) -> str:
-        h = hashlib.sha256()
-        for f in sorted(folder.glob("*.safetensors")) + [folder / "config.json"]:
-            h.update(f.name.encode() + f.read_bytes())
-        return h.hexdigest()
 
     with tempfile.TemporaryDirectory() as d:
         d = Path(d)
@@ -115,16 +107,16 @@ def check_calibration_on_cuda(tiny) -> None:
             tiny.model(model_type, head, layers=4).to(dtype).save_pretrained(src)
             tok.save_pretrained(src)
             for name, kw in [("refit", {}), ("allocate", {"allocate": True}), ("distill", {"distill_steps": 20})]:
-                got = {}
+                outs = {}
                 for run, streaming in [("stream", True), ("memory", False), ("again", True)]:
                     out = d / f"{model_type}-{name}-{run}"
                     compress(str(src), FusionConfig(ratio=0.5, layers=[1, 3], seed=1, device="cuda"), out,
                              streaming=streaming, calibration="builtin", calibration_samples=48, **kw)
-                    got[run] = digest(out)
+                    outs[run] = out
                     cal = json.loads((out / "config.json").read_text())["mlpfusion"]["calibration"]["layers"]
                     assert all(e["error_after"] <= e["error_before"] for e in cal), cal
-                assert got["stream"] == got["memory"], f"{model_type} {name}: in memory and block by block differ on CUDA"
-                assert got["stream"] == got["again"], f"{model_type} {name}: two runs on CUDA differ"
+                assert_same_files(outs["stream"], outs["memory"])  # in memory and block by block, on CUDA
+                assert_same_files(outs["stream"], outs["again"])  # two runs on CUDA
                 print(f"calibrated compress on cuda, {model_type} {dtype} {name}: same bytes both paths and twice")
 
         # in memory: the blocks visit the GPU and come back, in their own dtype, with the refit
