@@ -328,17 +328,28 @@ def data_metrics(model, layers: list[int], texts: list[str], tokenizer, *, max_l
 # --- the two steps on one layer -----------------------------------------------------------------
 
 
-def _sq_error(family: Family, block, x, y, w: torch.Tensor | None = None, chunk: int = 2048) -> float:
+ERROR_CHUNK = 2048  # tokens per partial sum of `_sq_error`
+
+
+def _sq_error(family: Family, block, x, y, w: torch.Tensor | None = None, chunk: int = ERROR_CHUNK) -> float:
     """sum_t w_t ||f'(x_t) - y_t||^2 (w = 1 when None)."""
     total = 0.0
     dtype = mlp_dtype(family, block)
     dev = family.projections(block)[1].weight.device
     with torch.no_grad():
         for s in range(0, x.shape[0], chunk):
-            e = (mlp_apply(family, block, x[s : s + chunk].to(dev, dtype)).double()
-                 - y[s : s + chunk].to(dev).double()).pow(2).sum(1)
-            total += float((e * w[s : s + chunk].to(dev).double()).sum() if w is not None else e.sum())
+            total += _chunk_error(mlp_apply(family, block, x[s : s + chunk].to(dev, dtype)), y[s : s + chunk],
+                                  None if w is None else w[s : s + chunk])
     return total
+
+
+def _chunk_error(pred: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None) -> float:
+    """sum_t w_t ||pred_t - y_t||^2 of one chunk, in float64, summed in pieces of ERROR_CHUNK tokens as
+    `_sq_error` sums them (so a caller with larger chunks gets the same number)."""
+    e = (pred.double() - y.to(pred.device).double()).pow(2).sum(1)
+    if w is not None:
+        e = e * w.to(pred.device).double()
+    return sum(float(e[s : s + ERROR_CHUNK].sum()) for s in range(0, e.shape[0], ERROR_CHUNK))
 
 
 def token_weights(s: torch.Tensor) -> torch.Tensor:
@@ -365,7 +376,8 @@ def solve_normal(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
 def refit_layer(family: Family, block: nn.Module, x: torch.Tensor, y: torch.Tensor, *, ridge: float = RIDGE,
                 w: torch.Tensor | None = None, chunk: int = 8192, toward_current: bool = False) -> tuple[float, float, bool]:
     """(Weighted) least-squares refit of one fused MLP's output projection and bias, token weights `w`
-    (None = 1). Returns (old squared error, new squared error, whether the new weights were kept).
+    (None = 1). Returns (old squared error, new squared error, whether the new weights were kept): both
+    exact (`_sq_error`'s numbers; the old one from the pass that sums the normal equations).
 
     The ridge pulls toward zero, or with `toward_current=True` toward the weights the layer has
     (measured in benchmarks/ridge_prior.py and not adopted: docs/domains.md)."""
@@ -378,9 +390,13 @@ def refit_layer(family: Family, block: nn.Module, x: torch.Tensor, y: torch.Tens
     A = torch.zeros(m, m, dtype=torch.float64, device=dev)
     B = torch.zeros(m, y.shape[1], dtype=torch.float64, device=dev)
     yy = 0.0
+    exact_old = 0.0
+    chunk = max(ERROR_CHUNK, chunk // ERROR_CHUNK * ERROR_CHUNK)  # whole pieces of the error's partial sums
     with torch.no_grad():
         for s in range(0, x.shape[0], chunk):
-            h = mlp_hidden(family, block, x[s : s + chunk].to(dev, dtype)).to(GRAM_DTYPE)  # counts included
+            h = mlp_hidden(family, block, x[s : s + chunk].to(dev, dtype))  # counts included
+            exact_old += _chunk_error(out(h), y[s : s + chunk], None if w is None else w[s : s + chunk])
+            h = h.to(GRAM_DTYPE)
             if has_bias:
                 h = torch.cat([h, torch.ones(h.shape[0], 1, dtype=h.dtype, device=dev)], dim=1)
             t = y[s : s + chunk].to(dev, GRAM_DTYPE)
@@ -401,24 +417,24 @@ def refit_layer(family: Family, block: nn.Module, x: torch.Tensor, y: torch.Tens
         reg[-1, -1] = 0.0  # do not shrink the bias
     rhs = B + reg @ old if toward_current else B
     W = solve_normal(A + reg, rhs)
-    before, after = err(old), err(W)
-    if not (after < before):
-        return before, before, False
+    if not (err(W) < err(old)):  # (the normal equations' values: the same rounding on both sides)
+        return exact_old, exact_old, False
     family.write_output(block, W[:k].T, W[k] if has_bias else None)
     # the exact error of what is now in the module (the normal-equation value can round)
     exact = _sq_error(family, block, x, y, w)
-    return before, exact, True
+    return exact_old, exact, True
 
 
 def distill_layer(family: Family, block: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, *,
                   lr: float = DISTILL_LR, batch_tokens: int = DISTILL_BATCH_TOKENS, seed: int = 0,
-                  w: torch.Tensor | None = None) -> tuple[float, float, bool]:
+                  w: torch.Tensor | None = None, before: float | None = None) -> tuple[float, float, bool]:
     """`steps` Adam steps on the fused MLP's parameters (counts stay frozen) towards y = original MLP(x).
-    Returns (old squared error, new squared error, whether the new weights were kept)."""
+    Returns (old squared error, new squared error, whether the new weights were kept). `before`: the
+    exact error the layer has now when the caller knows it (`refit_layer` returned it), else measured."""
     ins, out = family.projections(block)
     params = [p for mod in (*ins, out) for p in mod.parameters(recurse=False)]
     saved = [p.detach().clone() for p in params]
-    before = _sq_error(family, block, x, y, w)
+    before = _sq_error(family, block, x, y, w) if before is None else before
     flags = [p.requires_grad for p in params]
     for p in params:
         p.requires_grad_(True)
@@ -603,16 +619,16 @@ def fit_layer(fo: Family, ff: Family, block_o: nn.Module, block_f: nn.Module, i:
             y = torch.cat([mlp_apply(fo, block_o, x[s : s + 8192]).float() for s in range(0, x.shape[0], 8192)])
         w = token_weights(y + r_f) if weighting == "token" else None  # y + r_f: the whole residual sum
     ref = float(((w.double()[:, None] if w is not None else 1.0) * y.double().pow(2)).sum().clamp_min(1e-30))
-    before = _sq_error(ff, block_f, x, y, w)  # exact (the normal equations cancel badly near 0)
-    entry = {"layer": i, "error_before": before / ref}
-    after = before
-    if refit:
-        _, after, kept = refit_layer(ff, block_f, x, y, ridge=ridge, w=w)
-        after = after if kept else before
-        entry["refit_kept"] = kept
-        entry["error_after_refit"] = after / ref
+    entry = {"layer": i}
+    if refit:  # the exact error before comes with the refit's pass (the normal equations cancel badly near 0)
+        before, after, kept = refit_layer(ff, block_f, x, y, ridge=ridge, w=w)
+        entry.update(error_before=before / ref, refit_kept=kept, error_after_refit=after / ref)
+    else:
+        before = after = _sq_error(ff, block_f, x, y, w)
+        entry["error_before"] = before / ref
     if distill_steps:
-        _, after, kept = distill_layer(ff, block_f, x, y, distill_steps, lr=distill_lr, seed=seed + i, w=w)
+        _, after, kept = distill_layer(ff, block_f, x, y, distill_steps, lr=distill_lr, seed=seed + i, w=w,
+                                       before=after)
         entry["distill_kept"] = kept
         entry["error_after_distill"] = after / ref
         if refit and kept:  # W1' moved: the best W2', b2 for it are one more solve away

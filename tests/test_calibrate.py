@@ -260,6 +260,29 @@ def test_weighted_refit_is_the_minimum_of_the_weighted_error(tok):
     assert results["uniform"][0] < results["weighted"][0]
 
 
+@pytest.mark.parametrize("weighted", [False, True])
+def test_refit_returns_the_exact_errors_before_and_after_over_several_chunks(weighted):
+    """The error before comes from the pass that sums the normal equations, in chunks larger than
+    `_sq_error`'s: it is `_sq_error`'s number all the same, as is the error after."""
+    from hf_mlpfusion.calibrate import ERROR_CHUNK, _sq_error, refit_layer
+
+    m = tiny.model("bert", "BertModel", layers=2)
+    f = fuse(m, FusionConfig(ratio=0.25, layers=[1], seed=0))
+    af = family_of(f)
+    block = af.block_list(f)[1]
+    g = torch.Generator().manual_seed(0)
+    n = 2 * ERROR_CHUNK + 700  # three chunks of the refit (chunk=ERROR_CHUNK) and a ragged end
+    x = torch.randn(n, m.config.hidden_size, generator=g)
+    with torch.no_grad():
+        y = mlp_apply(family_of(m), family_of(m).block_list(m)[1], x)
+    w = torch.rand(n, generator=g) * 2 if weighted else None
+    want_before = _sq_error(af, block, x, y, w)
+    before, after, kept = refit_layer(af, block, x, y, w=w, chunk=ERROR_CHUNK)
+    assert kept and after < 0.9 * before
+    assert before == pytest.approx(want_before, rel=1e-12)
+    assert after == _sq_error(af, block, x, y, w)
+
+
 def test_token_weighted_calibration_reports_the_weighted_error_it_lowers(tok):
     """The default weighting: an independent weighted measurement agrees with the reported errors."""
     from hf_mlpfusion.calibrate import capture_mlp_and_residual, token_weights
