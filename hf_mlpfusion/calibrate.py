@@ -338,18 +338,15 @@ def _sq_error(family: Family, block, x, y, w: torch.Tensor | None = None, chunk:
     dev = family.projections(block)[1].weight.device
     with torch.no_grad():
         for s in range(0, x.shape[0], chunk):
-            total += _chunk_error(mlp_apply(family, block, x[s : s + chunk].to(dev, dtype)), y[s : s + chunk],
+            total += _piece_error(mlp_apply(family, block, x[s : s + chunk].to(dev, dtype)), y[s : s + chunk],
                                   None if w is None else w[s : s + chunk])
     return total
 
 
-def _chunk_error(pred: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None) -> float:
-    """sum_t w_t ||pred_t - y_t||^2 of one chunk, in float64, summed in pieces of ERROR_CHUNK tokens as
-    `_sq_error` sums them (so a caller with larger chunks gets the same number)."""
+def _piece_error(pred: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None) -> float:
+    """sum_t w_t ||pred_t - y_t||^2 of one piece of tokens, in float64 (the partial sum of `_sq_error`)."""
     e = (pred.double() - y.to(pred.device).double()).pow(2).sum(1)
-    if w is not None:
-        e = e * w.to(pred.device).double()
-    return sum(float(e[s : s + ERROR_CHUNK].sum()) for s in range(0, e.shape[0], ERROR_CHUNK))
+    return float((e * w.to(pred.device).double()).sum() if w is not None else e.sum())
 
 
 def token_weights(s: torch.Tensor) -> torch.Tensor:
@@ -395,7 +392,9 @@ def refit_layer(family: Family, block: nn.Module, x: torch.Tensor, y: torch.Tens
     with torch.no_grad():
         for s in range(0, x.shape[0], chunk):
             h = mlp_hidden(family, block, x[s : s + chunk].to(dev, dtype))  # counts included
-            exact_old += _chunk_error(out(h), y[s : s + chunk], None if w is None else w[s : s + chunk])
+            for p in range(s, min(s + chunk, x.shape[0]), ERROR_CHUNK):  # `_sq_error`'s pieces, its memory
+                exact_old += _piece_error(out(h[p - s : p - s + ERROR_CHUNK]), y[p : p + ERROR_CHUNK],
+                                          None if w is None else w[p : p + ERROR_CHUNK])
             h = h.to(GRAM_DTYPE)
             if has_bias:
                 h = torch.cat([h, torch.ones(h.shape[0], 1, dtype=h.dtype, device=dev)], dim=1)
