@@ -25,6 +25,7 @@ and keep their own dtype.
 from __future__ import annotations
 
 import copy
+from contextlib import contextmanager
 from typing import Callable
 
 import torch
@@ -560,43 +561,75 @@ def mlp_points(family: Family, block: nn.Module, *, mlp_input: bool = True) -> d
     return points
 
 
-def _calibrate_layers(original, fused, fo, ff, blocks_o, blocks_f, layers, encoded, *, refit, distill_steps, seed,
-                      ridge, distill_lr, target, weighting, say, device):
-    """The layer-by-layer loop of `calibrate` (models already in float32 and eval mode).
-
-    Both models run one block at a time on stored hidden states (`propagate`): every block once,
-    so the cost is linear in depth. Up to the first fused layer the two models agree and share them.
-    Block i of both models is on `device` while it runs."""
-    report = []
-    tokens = 0
+def _calibrate_layers(original, fused, fo, ff, blocks_o, blocks_f, layers, encoded, *, say, device, **fit):
+    """The layer-by-layer loop of `calibrate` (models already in float32 and eval mode): `calibrate_pass`
+    with both models' blocks, block i of both on `device` while it runs."""
     tr_o, tr_f = trace(original, fo, encoded).to(device), trace(fused, ff, encoded).to(device)
+
+    @contextmanager
+    def visit(i):
+        with on_device(blocks_o[i], device), on_device(blocks_f[i], device):
+            yield blocks_o[i], blocks_f[i]
+
+    report, tokens, _ = calibrate_pass(fo, ff, layers, tr_o, tr_f, visit, fit=fit, say=say)
+    return report, tokens
+
+
+def calibrate_pass(fo: Family, ff: Family, layers: list[int], tr_o, tr_f, visit, *, fit: dict,
+                   say: Callable[[str], None], label: str = "calibrating", data_aware: bool = False,
+                   build: Callable | None = None, done: Callable | None = None) -> tuple[list[dict], int, int | None]:
+    """The layer loop of every calibration: `calibrate` in memory and the block-by-block compress
+    (`io.layerwise`). Both models run one block at a time on stored hidden states (`propagate`; traces
+    `tr_o`, `tr_f`), every block once, so the cost is linear in depth; up to the first fused layer the
+    two models agree and share them. At a fused layer the original block runs once with its MLP's input,
+    residual and output hooked (and its MLP input statistics when `data_aware`), the fused block runs on
+    its own inputs (not at the first fused layer, where they are the original's), `fit_layer` calibrates
+    it, and it runs again, calibrated, to give the next layer its inputs.
+
+    - `visit(i)`: a context manager giving (original block i, fused block i) ready to run, released
+      after; the fused block may be None: the original's at a layer not fused, `build`'s at a fused one;
+    - `build(i, block_o, metric)`: the fused block i, made from the original's (`metric`: the data
+      metric of this run's statistics when `data_aware`, else None);
+    - `done(i, block_f)`: called once fused block i is calibrated (the block-by-block compress writes it);
+    - `fit`: `fit_layer`'s keyword arguments.
+
+    Returns (the layers' report entries, the calibration's tokens, the statistics' tokens or None)."""
+    report: list[dict] = []
+    tokens, data_tokens = 0, None
+    todo = set(layers)
     h_o = tr_o.hidden
     h_f = h_o  # identical until the first fused layer
-    todo = set(layers)
-    for i in range(max(layers) + 1 if layers else 0):
-        with on_device(blocks_o[i], device), on_device(blocks_f[i], device):
+    for i in range(max(todo) + 1 if todo else 0):
+        with visit(i) as (block_o, block_f):
             if i not in todo:
-                h_o, _ = run_block(blocks_o[i], tr_o, i, h_o)
-                h_f = h_o if h_f is h_o and i < min(layers) else run_block(blocks_f[i], tr_f, i, h_f)[0]
+                next_o, _ = run_block(block_o, tr_o, i, h_o)
+                h_f = next_o if h_f is h_o and i < min(todo) else \
+                    run_block(block_o if block_f is None else block_f, tr_f, i, h_f)[0]
+                h_o = next_o
                 continue
-            say(f"calibrating layer {i} ({layers.index(i) + 1}/{len(layers)})")
+            say(f"{label} layer {i} ({layers.index(i) + 1}/{len(layers)})")
+            stats, hooks = metric_run(fo, block_o, data_aware)
             # the original's MLP output at its own inputs comes with the run (hooked, not recomputed)
             shared = h_f is h_o  # the first fused layer: both models' inputs, attention included, are the same
-            next_o, got_o = run_block(blocks_o[i], tr_o, i, h_o, capture=mlp_points(fo, blocks_o[i], mlp_input=shared),
-                                      capture_output={"y": fo.projections(blocks_o[i])[1]})
-            if shared:
-                got_f = got_o
-            else:
-                _, got_f = run_block(blocks_f[i], tr_f, i, h_f, capture=mlp_points(ff, blocks_f[i]))
-            entry = fit_layer(fo, ff, blocks_o[i], blocks_f[i], i, got_o, got_f, refit=refit,
-                              distill_steps=distill_steps, seed=seed, ridge=ridge, distill_lr=distill_lr,
-                              target=target, weighting=weighting)
+            next_o, got_o = run_block(block_o, tr_o, i, h_o, capture=mlp_points(fo, block_o, mlp_input=shared),
+                                      capture_output={"y": fo.projections(block_o)[1]}, hooks=hooks)
+            h_o = next_o  # (the fused model still holds the old one at the first fused layer)
+            metric = stats.metric() if stats is not None else None
+            del stats, hooks
+            if metric is not None:
+                data_tokens = metric.tokens if data_tokens is None else max(data_tokens, metric.tokens)
+            if build is not None:
+                block_f = build(i, block_o, metric)
+            got_f = got_o if shared else run_block(block_f, tr_f, i, h_f, capture=mlp_points(ff, block_f))[1]
+            report.append(fit_layer(fo, ff, block_o, block_f, i, got_o, got_f, **fit))
             tokens = got_f["x"].shape[0]
-            report.append(entry)
-            h_o = next_o
-            if i < max(layers):  # the hidden states after the last calibrated layer are not needed
-                h_f = run_block(blocks_f[i], tr_f, i, h_f)[0]  # with the calibrated MLP
-    return report, tokens
+            del got_o, got_f, next_o
+            if i < max(todo):  # the hidden states after the last calibrated layer are not needed
+                h_f = run_block(block_f, tr_f, i, h_f)[0]  # with the calibrated MLP
+            if done is not None:
+                done(i, block_f)
+            del block_f
+    return report, tokens, data_tokens
 
 
 def fit_layer(fo: Family, ff: Family, block_o: nn.Module, block_f: nn.Module, i: int, got_o: dict, got_f: dict, *,

@@ -37,14 +37,15 @@ from __future__ import annotations
 import copy
 import dataclasses
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
 import torch
 
 from ..allocate import Allocation, choose, layer_errors, plan_candidates
-from ..calibrate import (DISTILL_LR, RIDGE, batches, cast_float32, check_calibration_options, fit_layer, metric_run,
-                         mlp_points, summary)
+from ..calibrate import (DISTILL_LR, RIDGE, batches, calibrate_pass, cast_float32, check_calibration_options,
+                         metric_run, mlp_points, summary)
 from ..checks import check_finite, check_tensor_finite
 from ..config import FusionConfig
 from ..families import family_of
@@ -147,48 +148,28 @@ def measure(lazy: LazyModel, blocks: _Blocks, tr, config: FusionConfig, layers: 
 
 def fuse_and_calibrate(p: StreamPlan, blocks: _Blocks, tr, cal: Calibration, writer: ShardedWriter, *,
                        seed: int, say: Callable[[str], None]) -> tuple[dict[int, tuple], list[dict], int, int | None]:
-    """The fuse pass (see the module docstring); writes every fused layer's MLP tensors.
+    """The fuse pass (see the module docstring): `calibrate.calibrate_pass` with the source's blocks read
+    one at a time, each fused block built as the pass reaches it; writes every fused layer's MLP tensors.
     Returns (layer -> (inertia, counted), the calibration report, its tokens, the statistics' tokens)."""
-    lazy, family, layers = p.lazy, p.lazy.family, p.layers
-    ff = family_of(p.fused)
-    fused_blocks = ff.block_list(p.fused)
+    lazy, family = p.lazy, p.lazy.family
+    fused_blocks = family_of(p.fused).block_list(p.fused)
     info: dict[int, tuple] = {}
-    report: list[dict] = []
-    tokens, data_tokens = 0, None
-    h_o = tr.hidden
-    h_f = h_o  # identical until the first fused layer
-    for i in range(max(layers) + 1):
-        block_o = blocks.load(i)
-        if i not in p.new_width:
-            next_o, _ = run_block(block_o, tr, i, h_o)
-            h_f = next_o if h_f is h_o and i < min(layers) else run_block(block_o, tr, i, h_f)[0]
-            h_o = next_o
+
+    @contextmanager
+    def visit(i):
+        block = blocks.load(i)
+        try:
+            yield block, None  # the fused model's block i is the original's, or `build`'s
+        finally:
             blocks.release(i)
-            continue
-        say(f"fusing and calibrating layer {i} ({layers.index(i) + 1}/{len(layers)})")
-        stats, hooks = metric_run(family, block_o, cal.data_aware)
-        shared = h_f is h_o  # the first fused layer: both models' inputs, attention included, are the same
-        next_o, got_o = run_block(block_o, tr, i, h_o, capture=mlp_points(family, block_o, mlp_input=shared),
-                                  capture_output={"y": family.projections(block_o)[1]}, hooks=hooks)
-        h_o = next_o  # (the fused model still holds the old one at the first fused layer)
-        metrics = {i: stats.metric()} if stats is not None else None
-        if metrics is not None:
-            data_tokens = metrics[i].tokens if data_tokens is None else max(data_tokens, metrics[i].tokens)
+
+    def build(i, block_o, metric):
+        metrics = {i: metric} if metric is not None else None
         red = reduce_layers({i: _host_mlp(family, block_o)}, {i: p.new_width[i]}, p.config, metrics)[i]
         info[i] = (None if red.inertia is None else float(red.inertia), red.counts is not None)
-        block_f = _fused_block(p, i, block_o, red, fused_blocks[i])
-        del red
-        if shared:
-            got_f = got_o
-        else:
-            _, got_f = run_block(block_f, tr, i, h_f, capture=mlp_points(ff, block_f))
-        report.append(fit_layer(family, ff, block_o, block_f, i, got_o, got_f, refit=cal.refit,
-                                distill_steps=cal.distill_steps, seed=seed, ridge=RIDGE, distill_lr=DISTILL_LR,
-                                target="residual", weighting="token"))
-        tokens = got_f["x"].shape[0]
-        del got_o, got_f, next_o
-        if i < max(layers):  # the hidden states after the last calibrated layer are not needed
-            h_f = run_block(block_f, tr, i, h_f)[0]  # with the calibrated MLP
+        return _fused_block(p, i, block_o, red, fused_blocks[i])
+
+    def done(i, block_f):
         prefix = f"{lazy.block_names[i]}."
         state = block_f.state_dict()
         for key in p.fused_keys[i]:
@@ -197,8 +178,12 @@ def fuse_and_calibrate(p: StreamPlan, blocks: _Blocks, tr, cal: Calibration, wri
             value = value.cpu()
             check_tensor_finite(key, value, blocks.where, fused=True)
             writer.write(key, value)
-        del block_f, state
-        blocks.release(i)
+
+    fit = dict(refit=cal.refit, distill_steps=cal.distill_steps, seed=seed, ridge=RIDGE, distill_lr=DISTILL_LR,
+               target="residual", weighting="token")
+    report, tokens, data_tokens = calibrate_pass(family, family_of(p.fused), p.layers, tr, tr, visit,
+                                                 fit=fit, say=say, label="fusing and calibrating",
+                                                 data_aware=cal.data_aware, build=build, done=done)
     return info, report, tokens, data_tokens
 
 
