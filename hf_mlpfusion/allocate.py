@@ -108,7 +108,7 @@ def allocate(model, config: FusionConfig, texts: list[str], tokenizer, *, metric
              progress: Callable[[str], None] | None = None, device=None) -> Allocation:
     """Choose the fused width of every layer `config` fuses, under its budget (see the module docstring).
     `device`: where the blocks run and the errors are measured (None: where the model is)."""
-    from .calibrate import batches, float32, mlp_points
+    from .calibrate import batches, float32, mlp_points, mlp_stop
     from .fuse import reduce_layers
     from .propagate import compute_device, on_device, run_block, trace
 
@@ -141,7 +141,8 @@ def allocate(model, config: FusionConfig, texts: list[str], tokenizer, *, metric
                         h_cur, _ = run_block(blocks[i], tr, i, h_cur)
                         continue
                     say(f"measuring layer {i} at {len(cands[i])} widths")
-                    h_cur, got = run_block(blocks[i], tr, i, h_cur, capture=mlp_points(family, blocks[i]))
+                    h_cur, got = run_block(blocks[i], tr, i, h_cur, capture=mlp_points(family, blocks[i]),
+                                           stop=mlp_stop(family, blocks[i]) if i == max(layers) else None)
                     errors[i] = layer_errors(family, blocks[i], got, {w: reductions[(i, w)] for w in cands[i]}, ridge)
     finally:
         model.train(was)

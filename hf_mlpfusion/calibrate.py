@@ -318,7 +318,9 @@ def data_metrics(model, layers: list[int], texts: list[str], tokenizer, *, max_l
                         h, _ = run_block(blocks[i], tr, i, h)
                         continue
                     stats, hooks = metric_run(family, blocks[i])
-                    h, _ = run_block(blocks[i], tr, i, h, hooks=hooks)
+                    last = i == max(layers)  # the hidden states after it are not needed
+                    h, _ = run_block(blocks[i], tr, i, h, hooks=hooks,
+                                     stop=mlp_stop(family, blocks[i], statistics=True) if last else None)
                     out[i] = stats.metric()
                     del stats
     finally:
@@ -561,6 +563,14 @@ def mlp_points(family: Family, block: nn.Module, *, mlp_input: bool = True) -> d
     return points
 
 
+def mlp_stop(family: Family, block: nn.Module, *, statistics: bool = False) -> nn.Module:
+    """Where a `run_block` pass that only wants `mlp_points` can end (`stop`): the MLP's first input
+    projection; with the MLP's statistics too (`stats_hooks` take its input projections' outputs), the
+    output projection. (`mlp_points`' residual is the input of a module before the MLP in every family.)"""
+    ins, out = family.projections(block)
+    return out if statistics else ins[0]
+
+
 def _calibrate_layers(original, fused, fo, ff, blocks_o, blocks_f, layers, encoded, *, say, device, **fit):
     """The layer-by-layer loop of `calibrate` (models already in float32 and eval mode): `calibrate_pass`
     with both models' blocks, block i of both on `device` while it runs."""
@@ -620,7 +630,8 @@ def calibrate_pass(fo: Family, ff: Family, layers: list[int], tr_o, tr_f, visit,
                 data_tokens = metric.tokens if data_tokens is None else max(data_tokens, metric.tokens)
             if build is not None:
                 block_f = build(i, block_o, metric)
-            got_f = got_o if shared else run_block(block_f, tr_f, i, h_f, capture=mlp_points(ff, block_f))[1]
+            got_f = got_o if shared else run_block(block_f, tr_f, i, h_f, capture=mlp_points(ff, block_f),
+                                                   stop=mlp_stop(ff, block_f))[1]  # its inputs only
             report.append(fit_layer(fo, ff, block_o, block_f, i, got_o, got_f, **fit))
             tokens = got_f["x"].shape[0]
             del got_o, got_f, next_o

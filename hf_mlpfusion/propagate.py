@@ -184,14 +184,27 @@ def compute_device(model: nn.Module, device=None) -> torch.device:
     return as_device(device) if device is not None else next(model.parameters()).device
 
 
+class _EndPass(Exception):
+    """Raised at `run_block`'s `stop` module: the rest of the block is not wanted."""
+
+
+def _end_pass(module, args):
+    raise _EndPass
+
+
 def run_block(block: nn.Module, trace_: Trace, i: int, hidden: list[torch.Tensor],
               capture: dict[str, nn.Module] | None = None,
               capture_output: dict[str, nn.Module] | None = None,
-              hooks: Callable[[Callable[[], torch.Tensor]], list] | None = None) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+              hooks: Callable[[Callable[[], torch.Tensor]], list] | None = None,
+              stop: nn.Module | None = None) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
     """Block i on `hidden` (one tensor per batch): its outputs, and the first input of each module in
     `capture` (the output of each module in `capture_output`) at the non-padding tokens ([N, d]
     float32 where the block runs, batches concatenated). `hooks(mask)` may register more hooks for the run
-    (`mask()`: the running batch's attention mask) and returns their handles."""
+    (`mask()`: the running batch's attention mask) and returns their handles.
+
+    `stop`: a module of the block at whose input each batch's pass ends (after the other hooks at that
+    input), when only what the hooks take is wanted; no outputs are returned then, and every capture
+    must have been reached before it."""
     got: dict[str, list[torch.Tensor]] = {name: [] for name in (*(capture or {}), *(capture_output or {}))}
     mask_box: list[torch.Tensor] = []
     handles = []
@@ -205,16 +218,25 @@ def run_block(block: nn.Module, trace_: Trace, i: int, hidden: list[torch.Tensor
         handles.append(module.register_forward_hook(lambda mod, args, out, name=name: keep(name, out)))
     if hooks is not None:
         handles += hooks(lambda: mask_box[0])
+    if stop is not None:
+        handles.append(stop.register_forward_pre_hook(_end_pass))  # last: the hooks at its input run first
     outs = []
     try:
         with torch.no_grad():
             for b, h in enumerate(hidden):
                 mask_box[:] = [trace_.masks[b]]
-                out = block(h, *trace_.args[i][b], **trace_.kwargs[i][b])
+                try:
+                    out = block(h, *trace_.args[i][b], **trace_.kwargs[i][b])
+                except _EndPass:
+                    continue
+                if stop is not None:
+                    raise RuntimeError(f"block {i} ran to its end without reaching the stop module {type(stop).__name__}")
                 outs.append(_block_output(out))
     finally:
         for handle in handles:
             handle.remove()
+    if stop is not None and any(len(v) != len(hidden) for v in got.values()):
+        raise RuntimeError(f"block {i} reached its stop module before a captured one: {sorted(got)}")
     return outs, {name: torch.cat(v) if v else torch.empty(0) for name, v in got.items()}
 
 

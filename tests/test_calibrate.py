@@ -366,3 +366,45 @@ def test_the_original_run_captures_only_what_fit_layer_reads_and_fit_layer_lets_
     ref = float((token_weights(target + r_f).double()[:, None] * target.double().pow(2)).sum())
     w = token_weights(target + r_f)
     assert _sq_error(ff, bf[1], got_f["x"], target, w) / ref == pytest.approx(entry["error_after"], rel=1e-12)
+
+
+@pytest.mark.parametrize("model_type, head", [("bert", "BertModel"), ("llama", "LlamaForCausalLM"),
+                                              ("gpt2", "GPT2LMHeadModel"), ("distilbert", "DistilBertModel")])
+def test_a_pass_that_stops_at_the_mlp_captures_what_the_whole_pass_does_and_runs_no_further(tmp_path, model_type,
+                                                                                            head):
+    # a pass that only wants the MLP's input and residual (the fused model's run before its fit, the last
+    # layer of the statistics and of the allocation) ends at the MLP: the same captures and statistics as
+    # the whole block's run, the output projection never runs, and no block outputs
+    from hf_mlpfusion.calibrate import metric_run, mlp_points, mlp_stop
+    from hf_mlpfusion.propagate import run_block, trace
+
+    tok = tiny_tokenizer(tmp_path / "tok")
+    model = tiny.model(model_type, head, layers=2).eval()
+    fam = family_of(model)
+    encoded = list(batches(load_texts(None, split="calibration")[:8], tok, max_length=32, batch_size=4, model=model))
+    tr = trace(model, fam, encoded)
+    block = fam.block_list(model)[1]
+    h, _ = run_block(fam.block_list(model)[0], tr, 0, tr.hidden)
+    out_calls = []
+    handle = fam.projections(block)[1].register_forward_hook(lambda *a: out_calls.append(1))
+    try:
+        full_out, full = run_block(block, tr, 1, h, capture=mlp_points(fam, block))
+        n_full = len(out_calls)
+        stats_full, hooks = metric_run(fam, block)
+        run_block(block, tr, 1, h, hooks=hooks)
+        del out_calls[:]
+        outs, got = run_block(block, tr, 1, h, capture=mlp_points(fam, block), stop=mlp_stop(fam, block))
+        stats, hooks = metric_run(fam, block)
+        outs_s, _ = run_block(block, tr, 1, h, hooks=hooks, stop=mlp_stop(fam, block, statistics=True))
+    finally:
+        handle.remove()
+    assert n_full == len(encoded) and out_calls == [] and outs == [] and outs_s == [] and len(full_out) == len(encoded)
+    assert set(got) == set(full) and all(torch.equal(got[k], full[k]) for k in full)
+    m_full, m = stats_full.metric(), stats.metric()
+    assert m.tokens == m_full.tokens > 0
+    assert torch.equal(m.chol, m_full.chol) and torch.equal(m.in_scales, m_full.in_scales)
+    # a stop before what is captured, or one the block never reaches, is an error, not a silent gap
+    with pytest.raises(RuntimeError, match="before a captured one"):
+        run_block(block, tr, 1, h, capture={"y_in": fam.projections(block)[1]}, stop=mlp_stop(fam, block))
+    with pytest.raises(RuntimeError, match="without reaching"):
+        run_block(block, tr, 1, h, stop=fam.projections(fam.block_list(model)[0])[1])

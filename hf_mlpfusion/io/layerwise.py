@@ -45,7 +45,7 @@ import torch
 
 from ..allocate import Allocation, choose, layer_errors, plan_candidates
 from ..calibrate import (DISTILL_LR, RIDGE, batches, calibrate_pass, cast_float32, check_calibration_options,
-                         metric_run, mlp_points, summary)
+                         metric_run, mlp_points, mlp_stop, summary)
 from ..checks import check_finite, check_tensor_finite
 from ..config import FusionConfig
 from ..families import family_of
@@ -137,7 +137,9 @@ def measure(lazy: LazyModel, blocks: _Blocks, tr, config: FusionConfig, layers: 
             continue
         say(f"measuring layer {i} at {len(cands[i])} widths")
         stats, hooks = metric_run(family, block, data_aware)
-        h, got = run_block(block, tr, i, h, capture=mlp_points(family, block), hooks=hooks)
+        last = i == max(layers)  # the hidden states after it are not needed
+        h, got = run_block(block, tr, i, h, capture=mlp_points(family, block), hooks=hooks,
+                           stop=mlp_stop(family, block, statistics=stats is not None) if last else None)
         metrics = {i: stats.metric()} if stats is not None else None
         reds = {w: reduce_layers({i: _host_mlp(family, block)}, {i: w}, config, metrics)[i] for w in cands[i]}
         errors[i] = layer_errors(family, block, got, reds, RIDGE)
