@@ -634,6 +634,7 @@ def _check_limit(value, what: str) -> None:
         raise InvalidConfigError(f"{what} {value!r} is below 1: ask for at least one")
 
 
+_COLUMN = "--calibration-column (column= in Python)"  # how a user names the text column
 _WHAT = "give a text file (one sample per line), a folder of them, a .jsonl/.csv/.parquet file, or 'builtin'"
 
 
@@ -672,7 +673,7 @@ def _read_tables(kind: str, paths: list[Path], column: str | None) -> list[str]:
     if column is None:
         if "text" not in columns:
             raise InvalidConfigError(
-                f"{names} has no 'text' column: name the text column with column= (it has {', '.join(columns) or 'none'})")
+                f"{names} has no 'text' column: name the text column with {_COLUMN}; it has {', '.join(columns) or 'none'}")
         column = "text"
     elif column not in columns:
         raise InvalidConfigError(f"{names} has no column {column!r}: pick one of {', '.join(columns) or 'none'}")
@@ -682,7 +683,7 @@ def _read_tables(kind: str, paths: list[Path], column: str | None) -> list[str]:
     if getattr(feature, "dtype", None) not in ("string", "large_string"):
         raise InvalidConfigError(
             f"column {column!r} of {names} holds {getattr(feature, 'dtype', type(feature).__name__)}, not text: "
-            f"pick the text column with column= (it has {', '.join(columns)})")
+            f"pick the text column with {_COLUMN}; it has {', '.join(columns)}")
     return [v.strip() for v in ds[column] if v is not None and v.strip()]
 
 
@@ -700,8 +701,8 @@ def load_user_texts(path: str | Path, *, column: str | None = None) -> list[str]
         if not files:
             raise InvalidConfigError(f"folder {path} has no .txt, .jsonl, .json, .csv, .tsv or .parquet files: {_WHAT}")
         if column is not None and not any(_table_kind(p) for p in files):
-            raise InvalidConfigError(f"column={column!r} names a column, but folder {path} holds only text files "
-                                     f"(one sample per line): drop column=")
+            raise InvalidConfigError(f"column {column!r} was named, but folder {path} holds only text files "
+                                     f"(one sample per line): drop {_COLUMN}")
         groups: dict[tuple[str, str], list[Path]] = {}
         for p in files:  # text files one by one; each table kind read in one go; groups in first-file order
             kind = _table_kind(p)
@@ -717,8 +718,8 @@ def load_user_texts(path: str | Path, *, column: str | None = None) -> list[str]
     kind = _table_kind(path)
     if kind is None:
         if column is not None:
-            raise InvalidConfigError(f"column={column!r} names a column, but {path} is a text file "
-                                     f"(one sample per line): drop column=, or give a .jsonl/.csv/.parquet file")
+            raise InvalidConfigError(f"column {column!r} was named, but {path} is a text file "
+                                     f"(one sample per line): drop {_COLUMN}, or give a .jsonl/.csv/.parquet file")
         texts = _read_lines(path)
     else:
         texts = _read_tables(kind, [path], column)
@@ -745,7 +746,7 @@ def load_calibration(spec: str | Path | None = BUILTIN, *, column: str | None = 
     _check_limit(max_tokens, "token budget")
     if spec is None or is_builtin_spec(spec):
         if column is not None:
-            raise InvalidConfigError("column= is for a data file; the built-in text has no columns: drop column=")
+            raise InvalidConfigError(f"a text column is for a data file; the built-in text has no columns: drop {_COLUMN}")
         names = parse_builtin_spec(spec or BUILTIN)
         pools = {name: source_texts(name, "calibration") for name in names}
         texts = balanced_mix(pools, tokenizer, limit=limit, max_tokens=max_tokens)

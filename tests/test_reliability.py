@@ -730,3 +730,15 @@ def test_a_message_with_newlines_is_still_one_line(bert, work, monkeypatch):
 
     monkeypatch.setattr(compress_mod, "fuse", multiline)
     assert_fails(run("compress", bert, "-o", work / "out", "--in-memory"), 1, "the server said: first second")
+
+
+def test_a_data_file_without_its_text_column_names_the_flag_that_picks_it(bert, work):
+    data = work / "reviews.csv"
+    data.write_text("label,review\n1,a great film about the sea\n0,awful and long\n")
+    line = assert_fails(run("compress", bert, "-o", work / "out", "--calibration", data, "--calibration-samples", "2"),
+                        1, "--calibration-column", "it has label, review")
+    assert not (work / "out").exists() and "column=" in line  # the Python spelling too, for library users
+    result = run("compress", bert, "-o", work / "out", "--calibration", data, "--calibration-column", "review",
+                 "--calibration-samples", "2")
+    assert result.exit_code == 0, result.output
+    assert json.loads((work / "out" / "config.json").read_text())["mlpfusion"]["calibration"]["samples"] == 2

@@ -302,7 +302,8 @@ def test_data_files_with_and_without_column(fmt, tmp_path):
 def test_data_file_without_a_text_column_lists_its_columns(tmp_path):
     path = tmp_path / "reviews.csv"
     path.write_text("label,review\n1,great\n0,awful\n")
-    with pytest.raises(InvalidConfigError, match=r"no 'text' column: name the text column with column= \(it has label, review\)"):
+    with pytest.raises(InvalidConfigError, match=r"no 'text' column: name the text column with --calibration-column \(column= in Python\); "
+                       r"it has label, review"):
         T.load_calibration(path)
     assert T.load_calibration(path, column="review") == ["great", "awful"]
 
@@ -316,7 +317,7 @@ def test_text_file_keeps_todays_behaviour(tmp_path):
     other = tmp_path / "samples.data"  # any file that is not a table is one sample per line
     other.write_text("x\ny\n")
     assert T.load_calibration(str(other), limit=1) == ["x"]
-    with pytest.raises(InvalidConfigError, match="drop column="):
+    with pytest.raises(InvalidConfigError, match=r"drop --calibration-column \(column= in Python\)"):
         T.load_calibration(path, column="text")
 
 
@@ -360,7 +361,7 @@ def test_user_file_mistakes(make, says, tmp_path):
 
 
 def test_builtin_has_no_columns():
-    with pytest.raises(InvalidConfigError, match="drop column="):
+    with pytest.raises(InvalidConfigError, match=r"drop --calibration-column \(column= in Python\)"):
         T.load_calibration("builtin", column="text")
 
 
