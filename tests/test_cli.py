@@ -166,6 +166,8 @@ def test_interrupted_run_leaves_nothing_behind(bert_dir, tmp_path, monkeypatch):
 def test_info_on_a_folder_that_is_not_fused(bert_dir, tmp_path):
     assert_one_line_error(run("info", bert_dir), "not an MLP-fused checkpoint")
     assert_one_line_error(run("info", tmp_path), "no config.json")
+    # a folder that is not there at all says so, as compress and evaluate do
+    assert_one_line_error(run("info", tmp_path / "typo"), "no such folder")
 
 
 def test_real_entry_point_prints_one_line_on_stderr(tmp_path):

@@ -20,6 +20,8 @@ LOAD_STOCK = "AutoModel.from_pretrained(dir)  (stock transformers, no custom cod
 def _config_path(model: str, revision: Optional[str], token: Optional[str], quiet: bool) -> Path:
     if is_local(model):
         folder = Path(model).expanduser()
+        if not folder.is_dir():
+            raise ModelNotFoundError(f"no such folder: {model} (and it is not a Hub id of the form org/name)")
         if not (folder / "config.json").is_file():
             raise ModelNotFoundError(f"{model} has no config.json: give a folder written by `mlpfusion compress`, or a Hub id")
         return folder / "config.json"
