@@ -653,6 +653,16 @@ def test_a_legacy_hub_id_without_an_org_is_still_a_hub_id(work, monkeypatch):
     assert_fails(run("compress", "gpt2/", "-o", work / "out"), 1, "no such folder")
 
 
+def test_evaluate_with_the_two_checkpoints_swapped_says_so(bert, work):
+    fused = work / "fused"
+    assert run("compress", bert, "--ratio", "0.5", "-o", fused).exit_code == 0
+    line = assert_fails(run("evaluate", fused, bert, "--samples", "4"), 1, "swapped", "is an MLP-fused checkpoint")
+    assert f"mlpfusion evaluate {bert} {fused}" in line
+    assert run("evaluate", bert, fused, "--samples", "4", "--ntk-examples", "0").exit_code == 0
+    # two fused checkpoints (one against another) are not a mistake
+    assert run("evaluate", fused, fused, "--samples", "4", "--ntk-examples", "0").exit_code == 0
+
+
 def test_a_typo_in_evaluate_is_no_such_folder_at_once(bert, work):
     assert_fails(run("evaluate", bert, work / "fused-typo", "--samples", "4"), 1, "no such folder", "fused-typo")
     assert_fails(run("evaluate", "bert-typo", bert, "--samples", "4"), 1, "no such folder", "bert-typo")

@@ -34,6 +34,14 @@ def _card_target(fused: str) -> Path:
     return folder
 
 
+def _is_fused(folder: Path) -> bool:
+    """Whether `folder`'s config.json has hf-mlpfusion's entry (an unreadable one counts as not)."""
+    try:
+        return isinstance(json.loads((Path(folder) / "config.json").read_text()).get("mlpfusion"), dict)
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 @user_errors
 def evaluate(
     original: Annotated[str, typer.Argument(metavar="ORIGINAL", help="The original checkpoint: a folder or a Hub id.", show_default=False)],
@@ -83,6 +91,9 @@ def evaluate(
         original_dir = resolve_source(original, token=token, bare_is_folder=True)
         say(f"resolving {fused}")
         fused_dir = resolve_source(fused, token=token, bare_is_folder=True)
+        if _is_fused(original_dir) and not _is_fused(fused_dir):
+            raise InvalidConfigError(f"the arguments are swapped: {original} is an MLP-fused checkpoint and {fused} is "
+                                     f"not; the order is ORIGINAL FUSED: run `mlpfusion evaluate {fused} {original}`")
         report = run_evaluate(original_dir, fused_dir, texts, samples=samples, ntk_examples=ntk_examples,
                               max_length=max_length, seed=seed, progress=say)
     report.original, report.fused = original, fused  # as named, not where a download was cached
