@@ -24,11 +24,7 @@ def _card_target(fused: str) -> Path:
     if not is_local(fused) or not folder.is_dir():
         raise InvalidConfigError(f"--card writes the figures into the fused checkpoint folder, and {fused} is not a "
                                  "local folder: download it first (e.g. `hf download`), then evaluate that folder")
-    try:
-        meta = json.loads((folder / "config.json").read_text()).get("mlpfusion")
-    except (OSError, ValueError):
-        meta = None
-    if not isinstance(meta, dict):
+    if not _is_fused(folder):
         raise InvalidConfigError(f"--card needs a checkpoint written by hf-mlpfusion, and {fused} has no 'mlpfusion' "
                                  "entry in config.json: compress it first")
     return folder
