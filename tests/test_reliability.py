@@ -653,6 +653,27 @@ def test_a_legacy_hub_id_without_an_org_is_still_a_hub_id(work, monkeypatch):
     assert_fails(run("compress", "gpt2/", "-o", work / "out"), 1, "no such folder")
 
 
+@pytest.mark.parametrize("command", ["compress", "info", "evaluate", "evaluate --card"])
+def test_every_command_reads_a_model_argument_by_one_rule(bert, work, monkeypatch, command):
+    """A file is "a file", a path-shaped name that is not there (here "gpt2/") is "no such folder",
+    in every command that takes a model, and neither becomes a Hub download."""
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    a_file = work / "weights.safetensors"
+    a_file.write_bytes(b"not a folder")
+
+    def args(model):
+        name, *flags = command.split()
+        if name == "compress":
+            return [name, model, "-o", work / "out", *flags]
+        if name == "info":
+            return [name, model, *flags]
+        return [name, bert, model, "--samples", "4", *flags]
+
+    assert_fails(run(*args(a_file)), 1, "is a file", "give the folder")
+    assert_fails(run(*args("gpt2/")), 1, "no such folder", "gpt2/")
+    assert not (work / "out").exists()
+
+
 def test_evaluate_with_the_two_checkpoints_swapped_says_so(bert, work):
     fused = work / "fused"
     assert run("compress", bert, "--ratio", "0.5", "-o", fused).exit_code == 0

@@ -18,7 +18,6 @@ import os
 import re
 import signal
 import sys
-from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -288,7 +287,3 @@ def note(message: str, quiet: bool = False) -> None:
         err_console.print(message, highlight=False, soft_wrap=True)
 
 
-def is_local(name: str) -> bool:
-    """Does MODEL name a local path (as transformers would decide), rather than a Hub id?"""
-    return Path(name).expanduser().exists() or name.startswith((".", "/", "~")) or name.count("/") > 1 \
-        or os.sep in name.replace("/", "")

@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from .common import JsonFlag, QuietFlag, VersionFlag, console, emit_json, flag, is_local, note, progress, user_errors
+from .common import JsonFlag, QuietFlag, VersionFlag, console, emit_json, flag, note, progress, user_errors
 
 
 def _fmt(x, spec=".4f") -> str:
@@ -20,8 +20,10 @@ def _card_target(fused: str) -> Path:
     """--card writes into FUSED: it must be a local folder written by hf-mlpfusion (checked before evaluating)."""
     from hf_mlpfusion.errors import InvalidConfigError
 
-    folder = Path(fused).expanduser()
-    if not is_local(fused) or not folder.is_dir():
+    from hf_mlpfusion.sources import local_folder
+
+    folder = local_folder(fused)
+    if folder is None:
         raise InvalidConfigError(f"--card writes the figures into the fused checkpoint folder, and {fused} is not a "
                                  "local folder: download it first (e.g. `hf download`), then evaluate that folder")
     if not _is_fused(folder):

@@ -10,18 +10,17 @@ import typer
 from rich.table import Table
 
 from hf_mlpfusion.errors import ModelNotFoundError
+from hf_mlpfusion.sources import local_folder
 
-from .common import JsonFlag, QuietFlag, VersionFlag, console, emit_json, is_local, progress, user_errors
+from .common import JsonFlag, QuietFlag, VersionFlag, console, emit_json, progress, user_errors
 
 LOAD_CUSTOM = "import hf_mlpfusion; AutoModel.from_pretrained(dir)  or  AutoModel.from_pretrained(dir, trust_remote_code=True)"
 LOAD_STOCK = "AutoModel.from_pretrained(dir)  (stock transformers, no custom code)"
 
 
 def _config_path(model: str, revision: Optional[str], token: Optional[str], quiet: bool) -> Path:
-    if is_local(model):
-        folder = Path(model).expanduser()
-        if not folder.is_dir():
-            raise ModelNotFoundError(f"no such folder: {model} (and it is not a Hub id of the form org/name)")
+    folder = local_folder(model)
+    if folder is not None:
         if not (folder / "config.json").is_file():
             raise ModelNotFoundError(f"{model} has no config.json: give a folder written by `mlpfusion compress`, or a Hub id")
         return folder / "config.json"
