@@ -542,6 +542,8 @@ def _intro(meta: dict, source_ref: str) -> str:
 
 def _evaluation_section(fidelity: dict) -> str:
     """The `evaluate --card` record (structured), or a plain measure -> value mapping."""
+    if isinstance(fidelity.get("domains"), list):
+        return _domains_section(fidelity)
     results = fidelity.get("results")
     if not isinstance(results, dict):
         rows = "\n".join(f"| {_fmt(k)} | {_fmt(v)} |" for k, v in sorted(fidelity.items()))
@@ -562,11 +564,43 @@ def _evaluation_section(fidelity: dict) -> str:
         rows.append(("perplexity", _num(results.get("perplexity_before")), _num(results["perplexity_after"])))
     if results.get("mlm_loss_after") is not None:
         rows.append(("masked-LM loss", _num(results.get("mlm_loss_before")), _num(results["mlm_loss_after"])))
-    for layer, err in sorted((results.get("ntk_error") or {}).items(), key=lambda kv: int(kv[0])):
-        rows.append((f"Adam-NTK relative error, layer {layer}", "0", _num(err)))
+    rows += _text_free_rows(results)
+    return head + "\n".join(f"| {a} | {b} | {c} |" for a, b, c in rows) + "\n"
+
+
+def _text_free_rows(results: dict, where: str = "") -> list[tuple[str, str, str]]:
+    """The rows that do not depend on the text: the Adam-NTK error per layer and the parameters."""
+    rows = [(f"Adam-NTK relative error, layer {layer}{where}", "0", _num(err))
+            for layer, err in sorted((results.get("ntk_error") or {}).items(), key=lambda kv: int(kv[0]))]
     if results.get("parameters_after") is not None:
         rows.append(("parameters", _fmt(results.get("parameters_before")), _fmt(results["parameters_after"])))
-    return head + "\n".join(f"| {a} | {b} | {c} |" for a, b, c in rows) + "\n"
+    return rows
+
+
+def _domains_section(fidelity: dict) -> str:
+    """The `evaluate --card` record of several texts: one row per text, then the text-free figures."""
+    domains = [d for d in fidelity["domains"] if isinstance(d, dict) and isinstance(d.get("results"), dict)]
+    columns = [(key, title, cell) for key, title, cell in (
+        ("hidden_relative_error", "last hidden state, relative error", lambda r: _num(r["hidden_relative_error"])),
+        ("cosine_mean", "embedding cosine (mean / min)", lambda r: f"{_num(r['cosine_mean'])} / {_num(r.get('cosine_min'))}"),
+        ("perplexity_after", "perplexity (source -> this model)",
+         lambda r: f"{_num(r.get('perplexity_before'))} -> {_num(r['perplexity_after'])}"),
+        ("mlm_loss_after", "masked-LM loss (source -> this model)",
+         lambda r: f"{_num(r.get('mlm_loss_before'))} -> {_num(r['mlm_loss_after'])}"),
+    ) if any(d["results"].get(key) is not None for d in domains)]
+    head = (f"Measured with `mlpfusion evaluate --card` against `{_fmt(fidelity.get('compared_with'))}` on "
+            f"{len(domains)} texts, each on its own:\n\n"
+            "| text | samples (tokens) | " + " | ".join(title for _, title, _ in columns) + " |\n"
+            "|---|---:|" + "---:|" * len(columns) + "\n")
+    rows = ["| " + " | ".join([_fmt(d.get("text")), f"{_fmt(d.get('samples'))} ({_fmt(d.get('tokens'))})"]
+                              + [cell(d["results"]) if d["results"].get(key) is not None else "—"
+                                 for key, _, cell in columns]) + " |" for d in domains]
+    table = head + "\n".join(rows) + "\n"
+    fixed = _text_free_rows(fidelity.get("results") or {}, " (on the first text)")
+    if fixed:
+        table += ("\n| measure | source model | this model |\n|---|---:|---:|\n"
+                  + "\n".join(f"| {a} | {b} | {c} |" for a, b, c in fixed) + "\n")
+    return table
 
 
 def _calibration_section(cal: dict) -> str:
@@ -861,9 +895,10 @@ def upload_saved(folder: str | os.PathLike, repo_id: str, *, commit_message: str
 
 # -- fidelity measured by `mlpfusion evaluate --card` ------------------------------------------------
 
-_CARD_RESULTS = ("hidden_relative_error", "cosine_mean", "cosine_min", "perplexity_before", "perplexity_after",
-                 "mlm_loss_before", "mlm_loss_after", "ntk_error", "ntk_error_mean", "parameters_before",
-                 "parameters_after")
+_TEXT_RESULTS = ("hidden_relative_error", "cosine_mean", "cosine_min", "perplexity_before", "perplexity_after",
+                 "mlm_loss_before", "mlm_loss_after")  # the figures that depend on the text
+_TEXT_FREE_RESULTS = ("ntk_error", "ntk_error_mean", "parameters_before", "parameters_after")
+_CARD_RESULTS = _TEXT_RESULTS + _TEXT_FREE_RESULTS
 
 
 def check_dataset_id(dataset_id: str | None) -> str | None:
@@ -884,6 +919,23 @@ def fidelity_record(report: dict, *, compared_with: str, text: str, dataset_id: 
         "samples": report.get("samples"),
         "tokens": report.get("tokens"),
         "results": {k: report.get(k) for k in _CARD_RESULTS if report.get(k) is not None},
+    }
+
+
+def domains_fidelity_record(reports: dict[str, dict], *, compared_with: str, texts: dict[str, str]) -> dict:
+    """`evaluate --card` on several texts: each text's figures (`texts` names how the card shows it),
+    and the ones that do not depend on the text (the NTK, measured on the first, and the parameters)
+    once. No timings, as in `fidelity_record`; no Hub dataset (the model-index takes one)."""
+    def figures(report, keys):
+        return {k: report.get(k) for k in keys if report.get(k) is not None}
+
+    first = next(iter(reports.values()))
+    return {
+        "compared_with": compared_with,
+        "dataset_id": None,
+        "domains": [{"name": name, "text": texts[name], "samples": r.get("samples"), "tokens": r.get("tokens"),
+                     "results": figures(r, _TEXT_RESULTS)} for name, r in reports.items()],
+        "results": figures(first, _TEXT_FREE_RESULTS),
     }
 
 

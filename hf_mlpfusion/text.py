@@ -635,6 +635,7 @@ def _check_limit(value, what: str) -> None:
 
 
 _COLUMN = "--calibration-column (column= in Python)"  # how a user names the text column
+_TEXT_COLUMN = "--text-column (column= in Python)"  # the same, for evaluation text
 _WHAT = "give a text file (one sample per line), a folder of them, a .jsonl/.csv/.parquet file, or 'builtin'"
 
 
@@ -648,7 +649,7 @@ def _read_lines(path: Path) -> list[str]:
     return [ln.strip() for ln in raw.splitlines() if ln.strip()]
 
 
-def _read_tables(kind: str, paths: list[Path], column: str | None) -> list[str]:
+def _read_tables(kind: str, paths: list[Path], column: str | None, flag: str = _COLUMN) -> list[str]:
     """The text column of data files of one kind (TABLE_KINDS), read through `datasets` in one go
     (imported here: it is slow to import)."""
     import tempfile
@@ -673,7 +674,7 @@ def _read_tables(kind: str, paths: list[Path], column: str | None) -> list[str]:
     if column is None:
         if "text" not in columns:
             raise InvalidConfigError(
-                f"{names} has no 'text' column: name the text column with {_COLUMN}; it has {', '.join(columns) or 'none'}")
+                f"{names} has no 'text' column: name the text column with {flag}; it has {', '.join(columns) or 'none'}")
         column = "text"
     elif column not in columns:
         raise InvalidConfigError(f"{names} has no column {column!r}: pick one of {', '.join(columns) or 'none'}")
@@ -683,7 +684,7 @@ def _read_tables(kind: str, paths: list[Path], column: str | None) -> list[str]:
     if getattr(feature, "dtype", None) not in ("string", "large_string"):
         raise InvalidConfigError(
             f"column {column!r} of {names} holds {getattr(feature, 'dtype', type(feature).__name__)}, not text: "
-            f"pick the text column with {_COLUMN}; it has {', '.join(columns)}")
+            f"pick the text column with {flag}; it has {', '.join(columns)}")
     return [v.strip() for v in ds[column] if v is not None and v.strip()]
 
 
@@ -691,9 +692,11 @@ def _table_kind(path: Path) -> str | None:
     return TABLE_KINDS.get(path.suffix.lower())
 
 
-def load_user_texts(path: str | Path, *, column: str | None = None) -> list[str]:
-    """Samples from a user's file or folder (see load_calibration), in file order."""
+def load_user_texts(path: str | Path, *, column: str | None = None, role: str = "calibration") -> list[str]:
+    """Samples from a user's file or folder (see load_calibration), in file order. `role` names what
+    they are for in the messages: "calibration" (--calibration-column) or "evaluation" (--text-column)."""
     path = Path(path)
+    flag = _COLUMN if role == "calibration" else _TEXT_COLUMN
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file()
                        and not any(part.startswith(".") for part in p.relative_to(path).parts)
@@ -702,31 +705,68 @@ def load_user_texts(path: str | Path, *, column: str | None = None) -> list[str]
             raise InvalidConfigError(f"folder {path} has no .txt, .jsonl, .json, .csv, .tsv or .parquet files: {_WHAT}")
         if column is not None and not any(_table_kind(p) for p in files):
             raise InvalidConfigError(f"column {column!r} was named, but folder {path} holds only text files "
-                                     f"(one sample per line): drop {_COLUMN}")
+                                     f"(one sample per line): drop {flag}")
         groups: dict[tuple[str, str], list[Path]] = {}
         for p in files:  # text files one by one; each table kind read in one go; groups in first-file order
             kind = _table_kind(p)
             groups.setdefault(("table", kind) if kind else ("text", str(p)), []).append(p)
         texts = []
         for (what, kind), paths in groups.items():
-            texts += _read_tables(kind, paths, column) if what == "table" else _read_lines(paths[0])
+            texts += _read_tables(kind, paths, column, flag) if what == "table" else _read_lines(paths[0])
         if not texts:
             raise InvalidConfigError(f"folder {path} has no text in its files: put one sample per line")
         return texts
     if not path.is_file():
-        raise InvalidConfigError(f"calibration text {path} not found: {_WHAT}")
+        raise InvalidConfigError(f"{role} text {path} not found: {_WHAT}")
     kind = _table_kind(path)
     if kind is None:
         if column is not None:
             raise InvalidConfigError(f"column {column!r} was named, but {path} is a text file "
-                                     f"(one sample per line): drop {_COLUMN}, or give a .jsonl/.csv/.parquet file")
+                                     f"(one sample per line): drop {flag}, or give a .jsonl/.csv/.parquet file")
         texts = _read_lines(path)
     else:
-        texts = _read_tables(kind, [path], column)
+        texts = _read_tables(kind, [path], column, flag)
     if not texts:
         raise InvalidConfigError(f"{path} has no text: put one sample per line" if kind is None
                                  else f"{path} has no non-empty values in its text column: check the file")
     return texts
+
+
+def evaluation_texts(specs: Iterable[str | Path], *, column: str | None = None,
+                     limit: int | None = None) -> dict[str, list[str]]:
+    """{name: samples} to evaluate on, one entry per domain: each file or folder in `specs` is one
+    (named by its file name, or by the path as given when two share a name), and a built-in spec
+    gives the held-out split of each source it names ("builtin" = the five of the mix, "builtin:all",
+    "builtin:bible,tweets"). `column` is the text column of the data files among them (plain text
+    files have none); `limit` is per domain."""
+    _check_limit(limit, "sample limit")
+    specs = [str(s) for s in specs]
+    if not specs:
+        raise InvalidConfigError("no text to evaluate on: give a text file, a folder, a data file or 'builtin'")
+    def plain(spec):  # a text file, one sample per line: --text-column is for the others
+        return Path(spec).is_file() and _table_kind(Path(spec)) is None
+
+    if column is not None and all(is_builtin_spec(s) or plain(s) for s in specs):
+        raise InvalidConfigError(f"a text column is for a data file, and none of the texts is one "
+                                 f"(.jsonl/.csv/.parquet or a folder of them): drop {_TEXT_COLUMN}")
+    out: dict[str, list[str]] = {}
+    seen: set[Path] = set()
+    for spec in specs:
+        if is_builtin_spec(spec):
+            for name, texts in heldout_texts(spec, limit=limit).items():
+                if name in out:
+                    raise InvalidConfigError(f"built-in source {name!r} is named twice in the texts: name it once")
+                out[name] = texts
+            continue
+        where = Path(spec).expanduser().resolve()
+        if where in seen:
+            raise InvalidConfigError(f"text {spec} is given twice: give each text once")
+        seen.add(where)
+        name = spec if Path(spec).name in out or not Path(spec).name else Path(spec).name
+        if name in out:
+            raise InvalidConfigError(f"two texts go by the name {name!r}: give one of them by another path")
+        out[name] = load_user_texts(spec, column=None if plain(spec) else column, role="evaluation")[:limit]
+    return out
 
 
 # ---------------------------------------------------------------- the entry point

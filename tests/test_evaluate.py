@@ -134,7 +134,7 @@ def test_cli_csv_and_errors(folders, tmp_path):
     empty = tmp_path / "e.txt"
     empty.write_text("\n\n")
     res = _cli(folders / "orig", folders / "fused", "--text", empty)
-    assert res.exit_code == 1 and "empty" in res.output
+    assert res.exit_code == 1 and "has no text: put one sample per line" in res.output  # the reader --calibration uses
 
 
 # --- data ---------------------------------------------------------------------------------------

@@ -375,3 +375,20 @@ def test_datasets_is_imported_lazily():
     readers = [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)
                and any(isinstance(i, ast.Import) and any(a.name == "datasets" for a in i.names) for i in ast.walk(n))]
     assert [f.name for f in readers] == ["_read_tables"]
+
+
+def test_evaluation_texts_one_domain_per_file_and_per_builtin_source(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    for d in ("a", "b"):
+        (tmp_path / d / "notes.txt").write_text(f"first line of {d}\nsecond line of {d}\nthird\n")
+    a, b = str(tmp_path / "a" / "notes.txt"), str(tmp_path / "b" / "notes.txt")
+    got = T.evaluation_texts([a, "builtin:devil,bible", b], limit=2)
+    assert list(got) == ["notes.txt", "bible", "devil", b]  # a shared file name: the second goes by its path
+    assert got["notes.txt"] == ["first line of a", "second line of a"] and got[b][0] == "first line of b"
+    assert got["bible"] == T.heldout_texts(["bible"], limit=2)["bible"]
+    assert list(T.evaluation_texts(["builtin"])) == list(T.heldout_texts())
+    with pytest.raises(InvalidConfigError, match="given twice"):
+        T.evaluation_texts([a, b, a])
+    with pytest.raises(InvalidConfigError, match="none of the texts is one"):
+        T.evaluation_texts([a, "builtin"], column="body")

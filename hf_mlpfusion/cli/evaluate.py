@@ -32,6 +32,67 @@ def _card_target(fused: str) -> Path:
     return folder
 
 
+def _builtin_names(specs: list[str]) -> set[str]:
+    """The built-in sources the --text values name."""
+    from hf_mlpfusion.text import is_builtin_spec, parse_builtin_spec
+
+    return {name for spec in specs if is_builtin_spec(spec) for name in parse_builtin_spec(spec)}
+
+
+def _card_name(name: str, builtin: set[str], *, row: bool = False) -> str:
+    """How a text shows in the card (in a sentence, or as a table row): a built-in source by name, a file as given."""
+    if name not in builtin:
+        return f"`{name}`"
+    return f"`{name}` (built-in, held out)" if row else f"the held-out split of the built-in source `{name}`"
+
+
+def _print_domains(reports: dict, original: str, fused: str, as_json: bool) -> None:
+    """Several texts: one row per text, then what does not depend on the text (from the first)."""
+    if as_json:
+        emit_json({"original": original, "fused": fused, "domains": {n: r.to_dict() for n, r in reports.items()}})
+        return
+    first = next(iter(reports.values()))
+    cols = [(title, fn) for title, key, fn in (
+        ("hidden rel. error", "hidden_relative_error", lambda r: _fmt(r.hidden_relative_error)),
+        ("cosine mean / min", "cosine_mean", lambda r: f"{r.cosine_mean:.4f} / {r.cosine_min:.4f}"),
+        ("perplexity (ratio)", "perplexity_after",
+         lambda r: f"{r.perplexity_before:.2f} -> {r.perplexity_after:.2f} (x{r.perplexity_after / r.perplexity_before:.2f})"),
+        ("masked-LM loss", "mlm_loss_after", lambda r: f"{r.mlm_loss_before:.4f} -> {r.mlm_loss_after:.4f}"),
+    ) if all(getattr(r, key) is not None for r in reports.values())]
+    table = Table(title=f"{fused} vs {original}, per text")
+    for title in ("text", "samples", "tokens", *(t for t, _ in cols)):
+        table.add_column(title, justify="left" if title == "text" else "right")
+    for name, r in reports.items():
+        table.add_row(name, str(r.samples), str(r.tokens), *(fn(r) for _, fn in cols))
+    console.print(table)
+    worst = []
+    if all(r.cosine_mean is not None for r in reports.values()):
+        name = min(reports, key=lambda n: reports[n].cosine_mean)
+        worst.append(f"lowest cosine: {name} ({reports[name].cosine_mean:.4f})")
+    if all(r.perplexity_after is not None for r in reports.values()):
+        ratio = {n: r.perplexity_after / r.perplexity_before for n, r in reports.items()}
+        name = max(ratio, key=ratio.get)
+        worst.append(f"highest perplexity ratio: {name} (x{ratio[name]:.2f})")
+    fixed = Table(title=f"the same for every text (NTK on {next(iter(reports))})")
+    fixed.add_column("metric")
+    fixed.add_column("original", justify="right")
+    fixed.add_column("fused", justify="right")
+    _fixed_rows(fixed, first)
+    if worst:
+        console.print("; ".join(worst), highlight=False)
+    console.print(fixed)
+
+
+def _fixed_rows(table: Table, report) -> None:
+    """The rows that do not depend on the text: NTK per layer, parameters, latency."""
+    for layer, err in report.ntk_error.items():
+        table.add_row(f"Adam-NTK relative error, layer {layer}", "0", _fmt(err))
+    table.add_row("parameters", f"{report.parameters_before:,}", f"{report.parameters_after:,} ({report.parameter_ratio:.1%})")
+    if report.latency_ratio is not None:
+        table.add_row("CPU latency (ms, median)", _fmt(report.latency_before_ms, ".1f"),
+                      f"{report.latency_after_ms:.1f} (x{report.latency_ratio:.2f})")
+
+
 def _is_fused(folder: Path) -> bool:
     """Whether `folder`'s config.json has hf-mlpfusion's entry (an unreadable one counts as not)."""
     try:
@@ -44,7 +105,8 @@ def _is_fused(folder: Path) -> bool:
 def evaluate(
     original: Annotated[str, typer.Argument(metavar="ORIGINAL", help="The original checkpoint: a folder or a Hub id.", show_default=False)],
     fused: Annotated[str, typer.Argument(metavar="FUSED", help="The fused checkpoint: a folder or a Hub id.", show_default=False)],
-    text: Annotated[Optional[Path], typer.Option("--text", help="Text file, one sample per line. Default: built-in held-out English text.", show_default=False)] = None,
+    text: Annotated[Optional[list[str]], typer.Option("--text", help="Text to evaluate on: a text file (one sample per line), a folder of them, a .jsonl/.csv/.parquet file, or 'builtin' / 'builtin:SOURCE,...' (the held-out split of each built-in source). Repeat it, or name several sources, for one row per text. Default: built-in held-out English text.", show_default=False)] = None,
+    text_column: Annotated[Optional[str], typer.Option("--text-column", help="The text column of --text's data files (default: text).", show_default=False)] = None,
     csv: Annotated[Optional[Path], typer.Option("--csv", help="Labelled CSV (text,label columns); its texts are used.", show_default=False)] = None,
     samples: Annotated[int, typer.Option("--samples", "-n", help="How many samples to evaluate on.")] = 256,
     ntk_examples: Annotated[int, typer.Option("--ntk-examples", help="Examples for the Adam-NTK error (0 = skip).")] = 16,
@@ -75,15 +137,26 @@ def evaluate(
         check_dataset_id(dataset_id)  # before the work
 
     from hf_mlpfusion.compress import resolve_source
-    from hf_mlpfusion.data import load_labelled_csv, load_texts
-    from hf_mlpfusion.evaluate import evaluate as run_evaluate
+    from hf_mlpfusion.data import load_labelled_csv
+    from hf_mlpfusion.text import evaluation_texts
 
-    if text is not None:
-        texts = load_texts(text, limit=samples)
+    if text_column is not None and not text:
+        raise InvalidConfigError("--text-column names the text column of --text's data files: add --text")
+    domains = evaluation_texts(text, column=text_column, limit=samples) if text else None
+    builtin = _builtin_names(text or [])
+    if dataset_id is not None and builtin:
+        raise InvalidConfigError("--dataset-id names where --text came from; the built-in text is no Hub dataset")
+    if domains is not None and len(domains) > 1 and dataset_id is not None:
+        raise InvalidConfigError(f"--dataset-id names the one Hub dataset the figures come from, and {len(domains)} "
+                                 "texts were given: evaluate that dataset's text alone with --dataset-id")
+    if domains is not None and len(domains) == 1:
+        (name, texts), = domains.items()
+        where = _card_name(name, builtin)
+        domains = None
     elif csv is not None:
-        texts = load_labelled_csv(csv, limit=samples).texts
+        texts, where = load_labelled_csv(csv, limit=samples).texts, f"`{csv.name}`"
     else:
-        texts = None
+        texts, where = None, "the built-in held-out text"
     with progress(quiet, "evaluating") as say:
         say(f"resolving {original}")
         original_dir = resolve_source(original, token=token, bare_is_folder=True)
@@ -92,18 +165,35 @@ def evaluate(
         if _is_fused(original_dir) and not _is_fused(fused_dir):
             raise InvalidConfigError(f"the arguments are swapped: {original} is an MLP-fused checkpoint and {fused} is "
                                      f"not; the order is ORIGINAL FUSED: run `mlpfusion evaluate {fused} {original}`")
-        report = run_evaluate(original_dir, fused_dir, texts, samples=samples, ntk_examples=ntk_examples,
-                              max_length=max_length, seed=seed, progress=say)
-    report.original, report.fused = original, fused  # as named, not where a download was cached
-    if target is not None:
-        from hf_mlpfusion.hub import fidelity_record, record_fidelity, source_identity
+        if domains is not None:
+            from hf_mlpfusion.evaluate import evaluate_domains
 
-        where = "the built-in held-out text" if texts is None else f"`{(text or csv).name}`"
-        record = fidelity_record(report.to_dict(), compared_with=source_identity(original)[0], text=where,
-                                 dataset_id=dataset_id)
+            reports = evaluate_domains(original_dir, fused_dir, domains, samples=samples, ntk_examples=ntk_examples,
+                                       max_length=max_length, seed=seed, progress=say)
+        else:
+            from hf_mlpfusion.evaluate import evaluate as run_evaluate
+
+            reports = {None: run_evaluate(original_dir, fused_dir, texts, samples=samples, ntk_examples=ntk_examples,
+                                          max_length=max_length, seed=seed, progress=say)}
+    for report in reports.values():
+        report.original, report.fused = original, fused  # as named, not where a download was cached
+    if target is not None:
+        from hf_mlpfusion.hub import domains_fidelity_record, fidelity_record, record_fidelity, source_identity
+
+        compared_with = source_identity(original)[0]
+        if domains is None:
+            record = fidelity_record(reports[None].to_dict(), compared_with=compared_with, text=where,
+                                     dataset_id=dataset_id)
+        else:
+            record = domains_fidelity_record({n: r.to_dict() for n, r in reports.items()}, compared_with=compared_with,
+                                             texts={n: _card_name(n, builtin, row=True) for n in reports})
         if not record_fidelity(target, record):
             note(f"the figures are in {target / 'config.json'}; README.md is not hf-mlpfusion's card, so it was "
                  "left alone", quiet)
+    if domains is not None:
+        _print_domains(reports, original, fused, as_json)
+        return
+    report = reports[None]
     if as_json:
         emit_json(report.to_dict())
         return
@@ -118,10 +208,5 @@ def evaluate(
         table.add_row("perplexity", _fmt(report.perplexity_before, ".2f"), _fmt(report.perplexity_after, ".2f"))
     if report.mlm_loss_before is not None:
         table.add_row("masked-LM loss", _fmt(report.mlm_loss_before), _fmt(report.mlm_loss_after))
-    for layer, err in report.ntk_error.items():
-        table.add_row(f"Adam-NTK relative error, layer {layer}", "0", _fmt(err))
-    table.add_row("parameters", f"{report.parameters_before:,}", f"{report.parameters_after:,} ({report.parameter_ratio:.1%})")
-    if report.latency_ratio is not None:
-        table.add_row("CPU latency (ms, median)", _fmt(report.latency_before_ms, ".1f"),
-                      f"{report.latency_after_ms:.1f} (x{report.latency_ratio:.2f})")
+    _fixed_rows(table, report)
     console.print(table)
