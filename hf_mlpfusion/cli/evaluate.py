@@ -105,10 +105,10 @@ def _is_fused(folder: Path) -> bool:
 def evaluate(
     original: Annotated[str, typer.Argument(metavar="ORIGINAL", help="The original checkpoint: a folder or a Hub id.", show_default=False)],
     fused: Annotated[str, typer.Argument(metavar="FUSED", help="The fused checkpoint: a folder or a Hub id.", show_default=False)],
-    text: Annotated[Optional[list[str]], typer.Option("--text", help="Text to evaluate on: a text file (one sample per line), a folder of them, a .jsonl/.csv/.parquet file, or 'builtin' / 'builtin:SOURCE,...' (the held-out split of each built-in source). Repeat it, or name several sources, for one row per text. Default: built-in held-out English text.", show_default=False)] = None,
+    text: Annotated[Optional[list[str]], typer.Option("--text", metavar="<text>", help="Text to evaluate on: a text file (one sample per line), a folder of them, a .jsonl/.csv/.parquet file, or 'builtin' / 'builtin:SOURCE,...' (the held-out split of each built-in source). Repeat it, or name several sources, for one row per text. Default: built-in held-out English text.", show_default=False)] = None,
     text_column: Annotated[Optional[str], typer.Option("--text-column", help="The text column of --text's data files (default: text).", show_default=False)] = None,
     csv: Annotated[Optional[Path], typer.Option("--csv", help="Labelled CSV (text,label columns); its texts are used.", show_default=False)] = None,
-    samples: Annotated[int, typer.Option("--samples", "-n", help="How many samples to evaluate on.")] = 256,
+    samples: Annotated[int, typer.Option("--samples", "-n", help="How many samples to evaluate on (of each text).")] = 256,
     ntk_examples: Annotated[int, typer.Option("--ntk-examples", help="Examples for the Adam-NTK error (0 = skip).")] = 16,
     max_length: Annotated[int, typer.Option("--max-length", help="Truncate samples to this many tokens.")] = 128,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the masking and the NTK's output direction.")] = 0,
