@@ -6,6 +6,7 @@ and LazyModel loads blocks on demand into what from_pretrained gives."""
 from __future__ import annotations
 
 import json
+import shutil
 import logging
 import weakref
 from pathlib import Path
@@ -426,3 +427,8 @@ def test_a_calibrated_compress_fixes_the_mmap_threshold_only_for_a_large_checkpo
     assert stream.fix_mmap_threshold_for(None, calibrated=True) is False  # (a Hub id, not downloaded yet)
     monkeypatch.setattr(stream, "LARGE_CHECKPOINT_BYTES", size)
     assert stream.fix_mmap_threshold_for(src, calibrated=True) is glibc
+    # a stray .safetensors file beside a sharded checkpoint is not its weights: only the index's shards count
+    shutil.copy(next(src.glob("*.safetensors")), src / "consolidated.safetensors")
+    (src / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": "model.safetensors"}}))
+    monkeypatch.setattr(stream, "LARGE_CHECKPOINT_BYTES", size + 1)
+    assert stream.fix_mmap_threshold_for(src, calibrated=True) is False

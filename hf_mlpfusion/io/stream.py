@@ -33,7 +33,7 @@ from typing import Callable
 
 import torch
 
-from ..checks import check_finite, check_tensor_finite
+from ..checks import check_finite, check_tensor_finite, safetensors_files
 from ..config import FusionConfig
 from ..core.mlp import MLPTensors
 from ..errors import InvalidConfigError, UnsupportedArchitectureError
@@ -320,7 +320,7 @@ def fix_mmap_threshold_for(source_dir: Path | None, *, calibrated: bool) -> bool
     (90 MB) it made calibration 1.5-1.8x slower, so small checkpoints keep glibc's dynamic threshold and
     `return_freed_memory` after each block (docs/scale.md). Returns whether it was set."""
     if calibrated:
-        files = [] if source_dir is None else Path(source_dir).glob("*.safetensors")
+        files = [] if source_dir is None else safetensors_files(Path(source_dir))  # the index's shards, if any
         if sum(f.stat().st_size for f in files) < LARGE_CHECKPOINT_BYTES:
             return False
     return release_freed_memory_early()
