@@ -420,6 +420,9 @@ def check_options(config: FusionConfig, *, distill_steps: int = 0, calibration=N
 
         if is_builtin_spec(str(calibration)):
             parse_builtin_spec(str(calibration))  # an unknown source is an error now, not after loading
+        elif not str(calibration).strip():  # Path("") is the current folder: never read it by accident
+            raise InvalidConfigError("--calibration is empty: give a text file, a folder, a JSON-lines / CSV / "
+                                     "Parquet file, or 'builtin'")
         elif not Path(calibration).exists():
             raise InvalidConfigError(f"calibration file {calibration} not found: give a text file, a folder, a JSON-lines / "
                                      "CSV / Parquet file, or 'builtin'")

@@ -25,6 +25,8 @@ def looks_local(name: str) -> bool:
 def local_folder(name: str | os.PathLike) -> Path | None:
     """The local folder `name` names, None for a Hub id. A file, or a path-shaped name that is not
     there, raises ModelNotFoundError with the line to print."""
+    if not str(name).strip():  # Path("") is the current folder: an empty argument is a mistake, not "."
+        raise ModelNotFoundError("the model is named by an empty string: give a folder or a Hub id (org/name)")
     path = Path(name).expanduser()
     if path.exists():
         if not path.is_dir():

@@ -695,6 +695,8 @@ def _table_kind(path: Path) -> str | None:
 def load_user_texts(path: str | Path, *, column: str | None = None, role: str = "calibration") -> list[str]:
     """Samples from a user's file or folder (see load_calibration), in file order. `role` names what
     they are for in the messages: "calibration" (--calibration-column) or "evaluation" (--text-column)."""
+    if not str(path).strip():  # Path("") is the current folder: never read it by accident
+        raise InvalidConfigError(f"the {role} text is named by an empty string: {_WHAT}")
     path = Path(path)
     flag = _COLUMN if role == "calibration" else _TEXT_COLUMN
     if path.is_dir():

@@ -97,6 +97,7 @@ def test_cli_card_of_several_texts_has_a_row_per_text_and_no_model_index(pair, t
     (["--text", "builtin", "--text-column", "body"], "drop --text-column"),
     (["--text-column", "body"], "add --text"),
     (["--text", "missing.txt"], "evaluation text missing.txt not found"),
+    (["--text", ""], "empty string"),
     (["--text", "builtin:nope"], "unknown text source"),
     (["--text", "NOTES", "--text", "ROWS", "--text-column", "body", "--card", "--dataset-id", "org/data"],
      "one Hub dataset"),

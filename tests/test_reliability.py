@@ -671,6 +671,7 @@ def test_every_command_reads_a_model_argument_by_one_rule(bert, work, monkeypatc
 
     assert_fails(run(*args(a_file)), 1, "is a file", "give the folder")
     assert_fails(run(*args("gpt2/")), 1, "no such folder", "gpt2/")
+    assert_fails(run(*args("")), 1, "empty string")  # not the current folder
     assert not (work / "out").exists()
 
 
@@ -696,6 +697,7 @@ def test_a_typo_in_evaluate_is_no_such_folder_at_once(bert, work):
     (["--layers", ""], "empty"),
     (["--layers", " , "], "bad layer list"),
     (["--calibration", "no-such-file.txt"], "not found"),
+    (["--calibration", ""], "--calibration is empty"),  # not the current folder read as text
     (["--calibration-samples", "0"], "calibration samples"),
     (["--distill-steps", "-1"], "distill steps"),
     (["--device", "mps"], "device"),

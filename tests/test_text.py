@@ -353,6 +353,7 @@ def test_folder_of_files(tmp_path):
     (lambda d: (d / "bad.txt").write_bytes(b"caf\xe9\n") and d / "bad.txt", "not UTF-8"),
     (lambda d: (d / "bad.parquet").write_bytes(b"not parquet at all") and d / "bad.parquet", "could not read .* as parquet"),
     (lambda d: (d / "empty").mkdir() or d / "empty", "has no .txt, .jsonl"),
+    (lambda d: "", "named by an empty string"),  # Path("") would be the current folder
 ])
 def test_user_file_mistakes(make, says, tmp_path):
     with pytest.raises(InvalidConfigError, match=says) as err:
