@@ -103,6 +103,34 @@ def load_any(folder: str | Path):
     return load_model(folder, fused_ok=True)[0]
 
 
+def original_of(fused_folder: str | Path, name: str | None = None) -> tuple[str, str]:
+    """(its name, where to load it) for the model a fused checkpoint folder says it was made from:
+    its Hub id (config.json's `mlpfusion.base_model`), loaded from the Hub, or from the installed
+    built-in MiniLM when it is that one. A checkpoint made from a local folder cannot name it: that
+    is an error saying to give it."""
+    from .compress import DEFAULT_MODEL_NAME, default_model_path
+
+    name = name or str(fused_folder)
+    try:
+        meta = json.loads((Path(fused_folder) / "config.json").read_text(encoding="utf-8")).get("mlpfusion")
+    except (OSError, ValueError, AttributeError):
+        meta = None
+    if not isinstance(meta, dict):
+        raise InvalidConfigError(f"{name} is not an MLP-fused checkpoint, so it names no original: give both, "
+                                 f"`mlpfusion evaluate ORIGINAL FUSED`")
+    base = meta.get("base_model")
+    if not isinstance(base, str) or not base:
+        source = meta.get("source_model") or "a local folder"
+        raise InvalidConfigError(f"{name} was made from a local folder ({source}), which its config cannot point to: "
+                                 f"give it, `mlpfusion evaluate ORIGINAL {name}`")
+    if base == f"sentence-transformers/{DEFAULT_MODEL_NAME}":
+        try:
+            return base, str(default_model_path())  # the built-in default: the same model, installed, no download
+        except ModelNotFoundError:
+            pass
+    return base, base
+
+
 def load_tokenizer(*folders):
     """The tokenizer of the first folder that has tokenizer files (local files only: never the Hub)."""
     from transformers import AutoTokenizer

@@ -142,6 +142,40 @@ def test_hub_ids_for_info_and_evaluate(folders, hub, tmp_path):
     assert report["parameters_after"] < report["parameters_before"]
     missing = subprocess.run([*cli, "info", "my-org/nothing-here"], env=env, capture_output=True, text=True, timeout=300)
     assert missing.returncode == 1 and missing.stderr.startswith("error: model my-org/nothing-here not found")
+    # FUSED alone: compared with the Hub model it was made from (config.json's base_model), downloaded
+    from_hub = tmp_path / "from-hub"
+    made = subprocess.run([*cli, "compress", "my-org/tiny-bert", "--ratio", "0.5", "-o", from_hub, "-q"], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert made.returncode == 0, made.stderr[-2000:]
+    alone = subprocess.run([*cli, "evaluate", from_hub, "-n", "3", "--ntk-examples", "0", "--json"], env=env,
+                           capture_output=True, text=True, timeout=600)
+    assert alone.returncode == 0, alone.stderr[-2000:]
+    alone = json.loads(alone.stdout)
+    assert alone["original"] == "my-org/tiny-bert" and alone["fused"] == str(from_hub)
+    assert alone["hidden_relative_error"] == report["hidden_relative_error"]  # the same pair as named above
+
+
+def test_evaluate_of_the_fused_checkpoint_alone(folders, tmp_path):
+    """One argument is FUSED: compared with the model its config.json names; the built-in default
+    is the installed copy, no download; a local source, which it cannot name, is a one-line error."""
+    from hf_mlpfusion.compress import default_model_path
+
+    out = tmp_path / "mini"
+    assert run("compress", "--layers", "5", "--ratio", "0.5", "-o", out, "-q").exit_code == 0
+    alone = run("evaluate", out, "-n", 2, "--ntk-examples", 0, "--json")
+    assert alone.exit_code == 0, alone.output
+    both = run("evaluate", default_model_path(), out, "-n", 2, "--ntk-examples", 0, "--json")
+    alone, both = json.loads(alone.stdout), json.loads(both.stdout)
+    assert alone["original"] == "sentence-transformers/all-MiniLM-L6-v2"  # the name it records, loaded as installed
+    assert alone["cosine_mean"] == both["cosine_mean"] and alone["tokens"] == both["tokens"]
+    card = run("evaluate", out, "-n", 2, "--ntk-examples", 0, "--card", "-q")
+    assert card.exit_code == 0, card.output
+    fidelity = json.loads((out / "config.json").read_text())["mlpfusion"]["fidelity"]
+    assert fidelity["compared_with"] == "sentence-transformers/all-MiniLM-L6-v2"
+    src, fused = folders
+    one_error_line(run("evaluate", fused), "made from a local folder (tiny-bert)", f"mlpfusion evaluate ORIGINAL {fused}")
+    one_error_line(run("evaluate", src), "is not an MLP-fused checkpoint", "give both")
+    one_error_line(run("evaluate"), "Missing argument 'FUSED'", code=2)
 
 
 def test_one_network_exit_code_for_downloads_and_uploads(folders, hub_env, tmp_path, monkeypatch):

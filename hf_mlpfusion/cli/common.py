@@ -36,6 +36,7 @@ from hf_mlpfusion.errors import (
 # Typer (0.29+) vendors its own Click: take the exception classes from Typer itself, whichever it uses.
 _click_errors = sys.modules[typer.BadParameter.__module__]
 ClickException, NoArgsIsHelpError = _click_errors.ClickException, _click_errors.NoArgsIsHelpError
+UsageError = _click_errors.UsageError  # what a command raises for a missing argument it checks itself
 PASS_THROUGH = (typer.Exit, typer.Abort, ClickException)  # Click prints and exits as usual
 
 console = Console()

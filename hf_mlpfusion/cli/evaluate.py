@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from .common import JsonFlag, QuietFlag, VersionFlag, console, emit_json, flag, note, progress, user_errors
+from .common import JsonFlag, QuietFlag, UsageError, VersionFlag, console, emit_json, flag, note, progress, user_errors
 
 
 def _fmt(x, spec=".4f") -> str:
@@ -103,8 +103,8 @@ def _is_fused(folder: Path) -> bool:
 
 @user_errors
 def evaluate(
-    original: Annotated[str, typer.Argument(metavar="ORIGINAL", help="The original checkpoint: a folder or a Hub id.", show_default=False)],
-    fused: Annotated[str, typer.Argument(metavar="FUSED", help="The fused checkpoint: a folder or a Hub id.", show_default=False)],
+    original: Annotated[Optional[str], typer.Argument(metavar="ORIGINAL", help="The original checkpoint: a folder or a Hub id. Leave it out to compare FUSED with the model its config.json says it was made from (the built-in MiniLM, or a Hub id).", show_default=False)] = None,
+    fused: Annotated[Optional[str], typer.Argument(metavar="FUSED", help="The fused checkpoint: a folder or a Hub id.", show_default=False)] = None,
     text: Annotated[Optional[list[str]], typer.Option("--text", metavar="<text>", help="Text to evaluate on: a text file (one sample per line), a folder of them, a .jsonl/.csv/.parquet file, or 'builtin' / 'builtin:SOURCE,...' (the held-out split of each built-in source). Repeat it, or name several sources, for one row per text. Default: built-in held-out English text.", show_default=False)] = None,
     text_column: Annotated[Optional[str], typer.Option("--text-column", help="The text column of --text's data files (default: text).", show_default=False)] = None,
     csv: Annotated[Optional[Path], typer.Option("--csv", help="Labelled CSV (text,label columns); its texts are used.", show_default=False)] = None,
@@ -122,6 +122,10 @@ def evaluate(
     """Measure what fusion cost: output error, cosine, perplexity / MLM loss, Adam-NTK error, size, speed."""
     from hf_mlpfusion.errors import InvalidConfigError
 
+    if original is None:
+        raise UsageError("Missing argument 'FUSED'.")
+    if fused is None:  # one argument: the fused checkpoint, against the model it was made from
+        original, fused = None, original
     if text is not None and csv is not None:
         raise InvalidConfigError("give --text or --csv, not both")
     if samples < 1:
@@ -158,10 +162,15 @@ def evaluate(
     else:
         texts, where = None, "the built-in held-out text"
     with progress(quiet, "evaluating") as say:
-        say(f"resolving {original}")
-        original_dir = resolve_source(original, token=token, bare_is_folder=True)
         say(f"resolving {fused}")
         fused_dir = resolve_source(fused, token=token, bare_is_folder=True)
+        load_from = original
+        if original is None:
+            from hf_mlpfusion.evaluate import original_of
+
+            original, load_from = original_of(fused_dir, fused)
+        say(f"resolving {original}")
+        original_dir = resolve_source(load_from, token=token, bare_is_folder=True)
         if _is_fused(original_dir) and not _is_fused(fused_dir):
             raise InvalidConfigError(f"the arguments are swapped: {original} is an MLP-fused checkpoint and {fused} is "
                                      f"not; the order is ORIGINAL FUSED: run `mlpfusion evaluate {fused} {original}`")
