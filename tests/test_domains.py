@@ -90,6 +90,14 @@ def test_cli_card_of_several_texts_has_a_row_per_text_and_no_model_index(pair, t
     assert "| `notes.txt` | 3 (" in card and "on 2 texts, each on its own" in card
     assert "Adam-NTK relative error, layer 1 (on the first text)" in card
     assert not ModelCard.load(out / "README.md").data.eval_results
+    info = run("info", out, env={"COLUMNS": "300"})
+    assert info.exit_code == 0, info.output
+    assert (f"cosine {report['notes.txt']['cosine_mean']:.3f} on notes.txt; cosine {w['cosine_mean']:.3f} on wordnet "
+            "(against tiny-bert") in info.output
+    one = run("evaluate", src, out, "--text", "builtin:bible", "-n", "3", "--ntk-examples", "0", "--card", "--json")
+    bible = json.loads(one.stdout)["cosine_mean"]
+    info = run("info", out, env={"COLUMNS": "300"})
+    assert f"cosine {bible:.3f} on the held-out split of the built-in source bible (against" in info.output
 
 
 @pytest.mark.parametrize("args,needle", [

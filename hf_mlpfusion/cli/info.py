@@ -81,6 +81,7 @@ def info(
         ("seed", str(meta.get("seed"))),
         ("clustering", _clustering(meta)),
         ("calibration", _calibration(meta)),
+        ("fidelity", _fidelity(meta)),
         ("made with", f"hf-mlpfusion {meta.get('library_version')}, transformers {cfg.get('transformers_version')}"),
         ("load", LOAD_CUSTOM if custom else LOAD_STOCK),
     ]
@@ -103,6 +104,32 @@ def _calibration(meta: dict) -> str:
     steps = [s for s, on in (("refit", cal.get("refit")), (f"{cal.get('distill_steps')} distillation steps",
                                                                cal.get("distill_steps"))) if on]
     return f"{' + '.join(steps) or 'none'} on {cal.get('samples')} samples ({cal.get('tokens', 0):,} tokens)"
+
+
+def _fidelity(meta: dict) -> str:
+    """What `evaluate --card` recorded, in a line: the cosine (encoders) or perplexity ratio (causal
+    LMs) on each text, against which model."""
+    fid = meta.get("fidelity")
+    if not isinstance(fid, dict):
+        return "not measured (run `mlpfusion evaluate FUSED --card`)"
+    entries = fid["domains"] if isinstance(fid.get("domains"), list) else [{**fid, "name": fid.get("text")}]
+    parts = []
+    for entry in entries:
+        r = entry.get("results") if isinstance(entry, dict) else None
+        if not isinstance(r, dict):
+            continue
+        if isinstance(r.get("cosine_mean"), (int, float)):
+            value = f"cosine {r['cosine_mean']:.3f}"
+        elif isinstance(r.get("perplexity_after"), (int, float)) and r.get("perplexity_before"):
+            value = f"perplexity x{r['perplexity_after'] / r['perplexity_before']:.2f}"
+        elif isinstance(r.get("hidden_relative_error"), (int, float)):
+            value = f"hidden-state error {r['hidden_relative_error']:.3f}"
+        else:
+            continue
+        parts.append(f"{value} on {str(entry.get('name') or 'text').replace('`', '')}")
+    if not parts:
+        return "recorded, without figures"
+    return f"{'; '.join(parts)} (against {fid.get('compared_with')}, `mlpfusion evaluate --card`)"
 
 
 def _allocation(meta: dict) -> str:
