@@ -550,7 +550,7 @@ def compress(model_id: str | None = None, config: FusionConfig | None = None, ou
     t0 = time.perf_counter()
     source = model_id if model_id is not None else f"sentence-transformers/{DEFAULT_MODEL_NAME}"
     if gguf is not None:
-        source = gguf.name  # a local file: recorded by its name, never by its path
+        source = gguf  # a local file: fuse records its name (never its path) and no Hub base model
     fused = fuse(model, config, source=str(source), metrics=metrics, progress=say,
                  precomputed=allocation.reductions if allocation is not None else None)
     if allocation is not None:

@@ -14,6 +14,7 @@ A GGUF source is a path to a `.gguf` file, or a folder that holds exactly one `.
 from __future__ import annotations
 
 import importlib.util
+from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import CorruptCheckpointError, InvalidConfigError, UnsupportedArchitectureError
@@ -43,6 +44,28 @@ def _require_gguf() -> None:
         raise InvalidConfigError("reading a GGUF file needs the gguf package: pip install gguf")
 
 
+@contextmanager
+def _switchable_bars():
+    """transformers' GGUF reader draws a plain tqdm bar, which transformers' own switch for progress
+    bars (`-q` turns it off) does not reach; for the length of the read it draws transformers' tqdm,
+    which obeys the switch."""
+    try:
+        from transformers import modeling_gguf_pytorch_utils as reader
+        from transformers.utils import logging as hf_logging
+    except ImportError:  # another transformers layout: its bar, as it is
+        yield
+        return
+    original = getattr(reader, "tqdm", None)
+    if original is None:
+        yield
+        return
+    reader.tqdm = hf_logging.tqdm
+    try:
+        yield
+    finally:
+        reader.tqdm = original
+
+
 def load_gguf(path: str | Path):
     """(model, tokenizer) of a GGUF file: the stock float32 model of its family (see the module docstring)."""
     import torch
@@ -54,7 +77,8 @@ def load_gguf(path: str | Path):
     try:
         config = transformers.AutoConfig.from_pretrained(folder, gguf_file=name)
         tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
-        loaded = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+        with _switchable_bars():
+            loaded = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     except ValueError as err:
         text = str(err).splitlines()[0][:200]
         if "architecture" in text.lower() or "not supported" in text.lower():

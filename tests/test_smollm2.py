@@ -84,11 +84,14 @@ print(type(m).__module__)
 def test_compress_reads_the_gguf_file_directly(tmp_path):
     runner = CliRunner()
     out = tmp_path / "smol-fused"
-    res = runner.invoke(app, ["compress", str(GGUF), "--ratio", "0.5", "--layers", "10-11", "-o", str(out)])
+    res = runner.invoke(app, ["compress", str(GGUF), "--ratio", "0.5", "--layers", "10-11", "-o", str(out), "-q"])
     assert res.exit_code == 0, res.output
+    assert res.stderr == ""  # -q: not even the GGUF reader's own progress bar
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["model_type"] == "mlpfusion_llama" and cfg["intermediate_sizes"][9:13] == [1536, 768, 768, 1536]
     assert cfg["mlpfusion"]["source_model"] == GGUF.name
+    assert cfg["mlpfusion"]["base_model"] is None  # a file's name is no Hub id
+    assert "base_model" not in (out / "README.md").read_text().split("\n---\n", 1)[0]
     assert {"tokenizer.json", "tokenizer_config.json"} <= {p.name for p in out.iterdir()}  # from the GGUF file
     model = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     tok = transformers.AutoTokenizer.from_pretrained(out)
