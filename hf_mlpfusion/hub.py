@@ -31,7 +31,8 @@ from importlib import resources
 from pathlib import Path, PurePath
 from typing import Any, Callable, TypeVar
 
-from hf_mlpfusion.errors import MLPFusionError, NetworkError
+from hf_mlpfusion.errors import MLPFusionError, ModelNotFoundError, NetworkError
+from hf_mlpfusion.sources import DEFAULT_MODEL_ID, default_model_path
 
 T = TypeVar("T")
 
@@ -367,8 +368,9 @@ def source_identity(name_or_path: str | os.PathLike | None) -> tuple[str, str | 
     What transformers would load is what counts: an existing local folder is recorded by its folder
     name only (never an absolute path, so the same model fused from two folders gives the same
     bytes) and is no Hub model, unless it is a snapshot in the Hugging Face cache
-    (`.../models--org--name/snapshots/<sha>`), which is that Hub id. Anything else that is a valid
-    Hub id is both the source and the `base_model`.
+    (`.../models--org--name/snapshots/<sha>`), which is that Hub id, or the installed built-in
+    default, which is the Hub's all-MiniLM-L6-v2 (as when no model is named). Anything else that is
+    a valid Hub id is both the source and the `base_model`.
     """
     if not name_or_path:
         return "", None
@@ -380,10 +382,20 @@ def source_identity(name_or_path: str | os.PathLike | None) -> tuple[str, str | 
         if snapshot:
             repo_id = f"{snapshot.group(1)}/{snapshot.group(2)}"
             return repo_id, repo_id
+        if _is_builtin_default(resolved):
+            return DEFAULT_MODEL_ID, DEFAULT_MODEL_ID
         return resolved.name or text, None
     if _is_path_like(text) or not _REPO_ID.match(text):
         return PurePath(text.replace("\\", "/")).name or text, None
     return text, text
+
+
+def _is_builtin_default(resolved: Path) -> bool:
+    """Is this folder the installed built-in default (the Hub's all-MiniLM-L6-v2, from PyPI)?"""
+    try:
+        return resolved == default_model_path().resolve()
+    except ModelNotFoundError:
+        return False
 
 
 def _is_path_like(text: str) -> bool:
@@ -417,8 +429,6 @@ def download_file(repo_id: str, filename: str, *, revision: str | None = None, t
         RepositoryNotFoundError,
         RevisionNotFoundError,
     )
-
-    from .errors import ModelNotFoundError
 
     try:
         return Path(hf_hub_download(repo_id, filename, revision=revision, token=token))

@@ -79,6 +79,22 @@ def test_source_identity(tmp_path, monkeypatch):
     assert source_identity(None) == ("", None)
 
 
+def test_the_builtin_default_named_by_its_path_is_the_model_named_by_nothing(tmp_path):
+    """`compress` and `compress <the installed default's folder>` are the same model: the same
+    source (the Hub's all-MiniLM-L6-v2, its base model) and the same bytes, card included."""
+    from hf_mlpfusion import FusionConfig
+    from hf_mlpfusion.compress import compress, default_model_path
+
+    path = default_model_path()
+    assert source_identity(path) == ("sentence-transformers/all-MiniLM-L6-v2",) * 2
+    config = FusionConfig(ratio=0.5, layers=[5])
+    compress(None, config, tmp_path / "unnamed")
+    compress(str(path), config, tmp_path / "named")
+    assert files_of(tmp_path / "named") == files_of(tmp_path / "unnamed")
+    meta = json.loads((tmp_path / "named" / "config.json").read_text())["mlpfusion"]
+    assert meta["base_model"] == meta["source_model"] == "sentence-transformers/all-MiniLM-L6-v2"
+
+
 def test_same_model_from_two_folders_gives_the_same_bytes(src, tmp_path, monkeypatch):
     """The same model in two places, named once by an absolute and once by a relative path, from two working
     folders, calibrated: every output file is byte-identical and no path is in any of them."""
