@@ -192,3 +192,27 @@ def test_one_network_exit_code_for_downloads_and_uploads(folders, hub_env, tmp_p
     one_error_line(run("compress", "some-org/some-model", "-o", tmp_path / "o"), "could not download", code=4)
     one_error_line(run("info", "some-org/some-model"), "could not download", code=4)
     one_error_line(run("evaluate", "some-org/a", fused), "could not download", code=4)
+
+
+def test_the_summary_says_what_to_run_next_and_that_command_runs(tmp_path):
+    import shlex
+
+    from test_card import tiny_bert_with_tokenizer
+
+    src = tiny_bert_with_tokenizer(tmp_path / "tiny-bert")
+    for args, calibrated in (([src, "--ratio", "0.5"], False),
+                             ([src, "--ratio", "0.5", "--calibration", "builtin", "--calibration-samples", "8"], True),
+                             (["--layers", "5", "--ratio", "0.5"], False)):  # the built-in default
+        out = tmp_path / f"out-{len(args)}-{calibrated}"
+        res = run("compress", *args, "-o", out, env={"COLUMNS": "300"})
+        assert res.exit_code == 0, res.output
+        assert ("Data-free (the paper's method): --calibration builtin" in res.stdout) is not calibrated
+        command = next(line for line in res.stdout.splitlines() if line.startswith("Measure how close it stays: "))
+        argv = shlex.split(command.split(": ", 1)[1])
+        assert argv[:2] == ["mlpfusion", "evaluate"] and argv[-3:] == [str(out), "--text", "builtin"]
+        assert (str(src) in argv) is (args[0] == src)  # a local source is named; the built-in default need not be
+        ev = run(*argv[1:], "-n", 2, "--ntk-examples", 0, "--json")
+        assert ev.exit_code == 0, ev.output
+        assert list(json.loads(ev.stdout)["domains"]) == ["pydoc", "bible", "wordnet", "devil", "jargon"]
+    quiet = run("compress", src, "--ratio", "0.5", "-o", tmp_path / "q", "-q")
+    assert quiet.stdout == f"{tmp_path / 'q'}\n"  # -q: the folder only, as before

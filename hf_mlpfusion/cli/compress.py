@@ -150,3 +150,19 @@ def print_summary(result) -> None:
     summary.add_row("time", f"{sum(s.values()):.1f} s ({parts})")
     summary.add_row("saved to", str(result.output))
     console.print(summary)
+    for line in _next_steps(result):
+        console.print(line, highlight=False, soft_wrap=True, markup=False)
+
+
+def _next_steps(result) -> list[str]:
+    """What the summary suggests next: how close the output stays is not known until it is measured."""
+    import shlex
+
+    meta = result.model.config.mlpfusion
+    lines = []
+    if not meta.get("calibration"):
+        lines.append("Data-free (the paper's method): --calibration builtin (or your text) keeps it closer to the original.")
+    if not str(result.source).lower().endswith(".gguf"):  # evaluate reads checkpoint folders, not GGUF files
+        original = "" if meta.get("base_model") else f"{shlex.quote(str(result.source))} "
+        lines.append(f"Measure how close it stays: mlpfusion evaluate {original}{shlex.quote(str(result.output))} --text builtin")
+    return lines
