@@ -121,7 +121,7 @@ def original_of(fused_folder: str | Path, name: str | None = None) -> tuple[str,
     base = meta.get("base_model")
     if not isinstance(base, str) or not base:
         source = meta.get("source_model") or "a local folder"
-        raise InvalidConfigError(f"{name} was made from a local folder ({source}), which its config cannot point to: "
+        raise InvalidConfigError(f"{name} was made from a local folder or file ({source}), which its config cannot point to: "
                                  f"give it, `mlpfusion evaluate ORIGINAL {name}`")
     if base == DEFAULT_MODEL_ID:
         try:

@@ -173,7 +173,7 @@ def test_evaluate_of_the_fused_checkpoint_alone(folders, tmp_path):
     fidelity = json.loads((out / "config.json").read_text())["mlpfusion"]["fidelity"]
     assert fidelity["compared_with"] == "sentence-transformers/all-MiniLM-L6-v2"
     src, fused = folders
-    one_error_line(run("evaluate", fused), "made from a local folder (tiny-bert)", f"mlpfusion evaluate ORIGINAL {fused}")
+    one_error_line(run("evaluate", fused), "made from a local folder or file (tiny-bert)", f"mlpfusion evaluate ORIGINAL {fused}")
     one_error_line(run("evaluate", src), "is not an MLP-fused checkpoint", "give both")
     one_error_line(run("evaluate"), "Missing argument 'FUSED'", code=2)
 

@@ -100,6 +100,35 @@ def test_compress_reads_the_gguf_file_directly(tmp_path):
     assert gguf_file(GGUF.parent) == GGUF  # a folder holding one GGUF file and no config.json names it too
 
 
+def test_evaluate_reads_the_gguf_file_it_was_compressed_from(smol, tmp_path):
+    import shlex
+
+    folder = smol[0]
+    runner = CliRunner()
+    out = tmp_path / "smol-fused"
+    res = runner.invoke(app, ["compress", str(GGUF), "--ratio", "0.5", "--layers", "12", "-o", str(out)],
+                        env={"COLUMNS": "400"})
+    assert res.exit_code == 0, res.output
+    command = next(line for line in res.stdout.splitlines() if line.startswith("Measure how close it stays: "))
+    argv = shlex.split(command.split(": ", 1)[1])
+    assert argv[:4] == ["mlpfusion", "evaluate", str(GGUF), str(out)]  # a file is no base_model: it is named
+    opts = ["-n", "4", "--ntk-examples", "0", "--json", "-q"]
+    ev = runner.invoke(app, [*argv[1:], *opts])
+    assert ev.exit_code == 0, ev.output
+    assert ev.stderr == ""  # -q: not even the GGUF reader's bar
+    got = json.loads(ev.stdout)["domains"]
+    assert list(got)[:2] == ["pydoc", "bible"]
+    ref = runner.invoke(app, ["evaluate", str(folder), str(out), "--text", "builtin:pydoc", *opts])
+    assert ref.exit_code == 0, ref.output
+    ref = json.loads(ref.stdout)
+    # the GGUF file, read as compress reads it, is the same model as its dequantised folder
+    assert ref["perplexity_before"] == pytest.approx(got["pydoc"]["perplexity_before"], rel=1e-5)
+    assert ref["perplexity_after"] == pytest.approx(got["pydoc"]["perplexity_after"], rel=1e-5)
+    assert got["pydoc"]["perplexity_after"] > got["pydoc"]["perplexity_before"]
+    bad = runner.invoke(app, ["evaluate", str(tmp_path / "nope.gguf"), str(out), "-q"])
+    assert bad.exit_code != 0 and "nope.gguf" in bad.output
+
+
 def test_pruned_to_one_width_is_a_stock_llama_without_the_package(smol, tmp_path):
     folder, model, tok = smol
     fused = fuse(model, FusionConfig(ratio=0.5, method="prune"))

@@ -162,7 +162,6 @@ def _next_steps(result) -> list[str]:
     lines = []
     if not meta.get("calibration"):
         lines.append("Data-free (the paper's method): --calibration builtin (or your text) keeps it closer to the original.")
-    if not str(result.source).lower().endswith(".gguf"):  # evaluate reads checkpoint folders, not GGUF files
-        original = "" if meta.get("base_model") else f"{shlex.quote(str(result.source))} "
-        lines.append(f"Measure how close it stays: mlpfusion evaluate {original}{shlex.quote(str(result.output))} --text builtin")
+    original = "" if meta.get("base_model") else f"{shlex.quote(str(result.source))} "
+    lines.append(f"Measure how close it stays: mlpfusion evaluate {original}{shlex.quote(str(result.output))} --text builtin")
     return lines

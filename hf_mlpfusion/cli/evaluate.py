@@ -93,6 +93,14 @@ def _fixed_rows(table: Table, report) -> None:
                       f"{report.latency_after_ms:.1f} (x{report.latency_ratio:.2f})")
 
 
+def _gguf_source(name: str) -> Path | None:
+    """The GGUF file ORIGINAL names (a .gguf file, or a folder holding one and no config.json), or None."""
+    from hf_mlpfusion.gguf import gguf_file
+
+    path = Path(name).expanduser()
+    return gguf_file(path) if path.exists() else None
+
+
 def _is_fused(folder: Path) -> bool:
     """Whether `folder`'s config.json has hf-mlpfusion's entry (an unreadable one counts as not)."""
     try:
@@ -103,7 +111,7 @@ def _is_fused(folder: Path) -> bool:
 
 @user_errors
 def evaluate(
-    original: Annotated[Optional[str], typer.Argument(metavar="ORIGINAL", help="The original checkpoint: a folder or a Hub id. Leave it out to compare FUSED with the model its config.json says it was made from (the built-in MiniLM, or a Hub id).", show_default=False)] = None,
+    original: Annotated[Optional[str], typer.Argument(metavar="ORIGINAL", help="The original checkpoint: a folder, a Hub id, or the .gguf file it was compressed from. Leave it out to compare FUSED with the model its config.json says it was made from (the built-in MiniLM, or a Hub id).", show_default=False)] = None,
     fused: Annotated[Optional[str], typer.Argument(metavar="FUSED", help="The fused checkpoint: a folder or a Hub id.", show_default=False)] = None,
     text: Annotated[Optional[list[str]], typer.Option("--text", metavar="<text>", help="Text to evaluate on: a text file (one sample per line), a folder of them, a .jsonl/.csv/.parquet file, or 'builtin' / 'builtin:SOURCE,...' (the held-out split of each built-in source). Repeat it, or name several sources, for one row per text. Default: built-in held-out English text.", show_default=False)] = None,
     text_column: Annotated[Optional[str], typer.Option("--text-column", help="The text column of --text's data files (default: text).", show_default=False)] = None,
@@ -170,8 +178,15 @@ def evaluate(
 
             original, load_from = original_of(fused_dir, fused)
         say(f"resolving {original}")
-        original_dir = resolve_source(load_from, token=token, bare_is_folder=True)
-        if _is_fused(original_dir) and not _is_fused(fused_dir):
+        gguf = _gguf_source(load_from)
+        if gguf is not None:  # a llama.cpp file, as compress reads it: dequantised to its stock model
+            from hf_mlpfusion.gguf import load_gguf
+
+            say(f"reading {gguf.name} (GGUF)")
+            original_dir = load_gguf(gguf)[0]
+        else:
+            original_dir = resolve_source(load_from, token=token, bare_is_folder=True)
+        if gguf is None and _is_fused(original_dir) and not _is_fused(fused_dir):
             raise InvalidConfigError(f"the arguments are swapped: {original} is an MLP-fused checkpoint and {fused} is "
                                      f"not; the order is ORIGINAL FUSED: run `mlpfusion evaluate {fused} {original}`")
         if domains is not None:
