@@ -194,7 +194,7 @@ def test_one_network_exit_code_for_downloads_and_uploads(folders, hub_env, tmp_p
     one_error_line(run("evaluate", "some-org/a", fused), "could not download", code=4)
 
 
-def test_the_summary_says_what_to_run_next_and_that_command_runs(tmp_path):
+def test_the_summary_says_what_to_run_next_and_that_command_runs(tmp_path, monkeypatch):
     import shlex
 
     from test_card import tiny_bert_with_tokenizer
@@ -216,3 +216,9 @@ def test_the_summary_says_what_to_run_next_and_that_command_runs(tmp_path):
         assert list(json.loads(ev.stdout)["domains"]) == ["pydoc", "bible", "wordnet", "devil", "jargon"]
     quiet = run("compress", src, "--ratio", "0.5", "-o", tmp_path / "q", "-q")
     assert quiet.stdout == f"{tmp_path / 'q'}\n"  # -q: the folder only, as before
+    monkeypatch.chdir(tmp_path)  # inside the working folder, the command names paths as typed there
+    res = run("compress", "tiny-bert", "--ratio", "0.5", "-o", "-rel out", env={"COLUMNS": "300"})
+    assert res.exit_code == 0, res.output
+    assert "Measure how close it stays: mlpfusion evaluate tiny-bert './-rel out' --text builtin" in res.stdout
+    ev = run("evaluate", "tiny-bert", "./-rel out", "--text", "builtin:bible", "-n", 2, "--ntk-examples", 0)
+    assert ev.exit_code == 0, ev.output

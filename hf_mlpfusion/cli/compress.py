@@ -156,12 +156,22 @@ def print_summary(result) -> None:
 
 def _next_steps(result) -> list[str]:
     """What the summary suggests next: how close the output stays is not known until it is measured."""
-    import shlex
-
     meta = result.model.config.mlpfusion
     lines = []
     if not meta.get("calibration"):
         lines.append("Data-free (the paper's method): --calibration builtin (or your text) keeps it closer to the original.")
-    original = "" if meta.get("base_model") else f"{shlex.quote(str(result.source))} "
-    lines.append(f"Measure how close it stays: mlpfusion evaluate {original}{shlex.quote(str(result.output))} --text builtin")
+    original = "" if meta.get("base_model") else f"{_short(result.source)} "
+    lines.append(f"Measure how close it stays: mlpfusion evaluate {original}{_short(result.output)} --text builtin")
     return lines
+
+
+def _short(path) -> str:
+    """`path` for a command line to copy: relative to the working folder when inside it, quoted for the shell."""
+    import shlex
+
+    text = str(path)
+    try:
+        text = Path(text).resolve().relative_to(Path.cwd().resolve()).as_posix()
+    except (ValueError, OSError):
+        pass
+    return shlex.quote(f"./{text}" if text.startswith("-") else text)  # not read as an option
