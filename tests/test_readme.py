@@ -28,3 +28,38 @@ def test_pyproject_keeps_a_torch_range_that_admits_2_13():
     from packaging.specifiers import SpecifierSet
 
     assert "2.13.0" in SpecifierSet(spec) and "==" not in spec
+
+
+def cli_synopsis() -> dict[str, str]:
+    """{command: its lines} of the README's CLI synopsis block."""
+    section = (ROOT / "README.md").read_text().split("\n## CLI\n", 1)[1]
+    block = re.search(r"```\n(.*?)```", section, re.S).group(1)
+    out: dict[str, str] = {}
+    for line in block.splitlines():
+        match = re.match(r"mlpfusion (\w+)", line)
+        if match:
+            command = match.group(1)
+        out[command] = out.get(command, "") + line + "\n"
+    return out
+
+
+def test_the_readme_cli_synopsis_names_every_option_of_every_command():
+    import typer.main
+
+    from hf_mlpfusion.cli.main import app
+
+    synopsis = cli_synopsis()
+    group = typer.main.get_command(app)
+    assert set(group.commands) == set(synopsis)
+    for name, command in group.commands.items():
+        def named(opt):
+            return re.search(r"(?<![\w-])" + re.escape(opt) + r"(?![\w-])", synopsis[name])
+
+        missing = []
+        for p in command.params:
+            if p.param_type_name != "option" or p.name in ("help", "version"):
+                continue
+            if not any(named(o) for o in p.opts):  # --output or -o
+                missing.append(max(p.opts, key=len))
+            missing += [o for o in p.secondary_opts if not named(o)]  # --data-free beside --data-aware
+        assert not missing, f"README's synopsis of `mlpfusion {name}` lacks {missing}"
