@@ -111,7 +111,8 @@ def test_evaluate_reads_the_gguf_file_it_was_compressed_from(smol, tmp_path):
     assert res.exit_code == 0, res.output
     command = next(line for line in res.stdout.splitlines() if line.startswith("Measure how close it stays: "))
     argv = shlex.split(command.split(": ", 1)[1])
-    assert argv[:4] == ["mlpfusion", "evaluate", str(GGUF), str(out)]  # a file is no base_model: it is named
+    assert argv[:2] == ["mlpfusion", "evaluate"]  # and a file is no base_model: it is named
+    assert [Path(a).resolve() for a in argv[2:4]] == [GGUF.resolve(), out.resolve()]
     opts = ["-n", "4", "--ntk-examples", "0", "--json", "-q"]
     ev = runner.invoke(app, [*argv[1:], *opts])
     assert ev.exit_code == 0, ev.output
