@@ -402,10 +402,10 @@ def check_options(config: FusionConfig, *, distill_steps: int = 0, calibration=N
     if isinstance(calibration_samples, bool) or not isinstance(calibration_samples, int) or calibration_samples < 1:
         raise InvalidConfigError(f"calibration samples {calibration_samples!r} must be a whole number >= 1")
     if calibration is not None:
-        from .text import is_builtin_spec, parse_builtin_spec
+        from .text import is_builtin_spec, parse_builtin_spec, require_installed
 
-        if is_builtin_spec(str(calibration)):
-            parse_builtin_spec(str(calibration))  # an unknown source is an error now, not after loading
+        if is_builtin_spec(str(calibration)):  # an unknown or absent source is an error now, not after loading
+            require_installed(parse_builtin_spec(str(calibration)))
         elif not str(calibration).strip():  # Path("") is the current folder: never read it by accident
             raise InvalidConfigError("--calibration is empty: give a text file, a folder, a JSON-lines / CSV / "
                                      "Parquet file, or 'builtin'")

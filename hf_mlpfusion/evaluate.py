@@ -438,7 +438,7 @@ def evaluate_domains(original, fused, domains: dict[str, list[str]] | str | None
                      progress=None, **kwargs) -> dict[str, EvaluationReport]:
     """`evaluate` on each of several texts: {domain name: report}. `domains` is a dict of texts, a
     built-in spec (`"builtin"` = the held-out split of every source of the built-in mix,
-    `"builtin:all"` = of every source installed, `"builtin:bible,tweets"` = of those), or None
+    `"builtin:all"` = of every source, which must be installed, `"builtin:bible,tweets"` = of those), or None
     (= "builtin"). The NTK and the latency, which do not depend on the text much, are measured on
     the first domain only."""
     from .text import heldout_texts

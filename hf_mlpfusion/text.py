@@ -566,17 +566,39 @@ def parse_builtin_spec(spec: str) -> tuple[str, ...]:
     return tuple(name for name in SOURCES if name in chosen)
 
 
+def require_installed(names: Iterable[str]) -> tuple[str, ...]:
+    """`names`, once every source among them that is not vendored is installed here; else one error
+    naming all that are not, what to install for each, and how to leave them out."""
+    names = tuple(names)
+    missing = {}
+    for n in names:
+        if not _source(n).vendored:
+            try:
+                SOURCES[n].inputs()
+            except InvalidConfigError as err:
+                missing[n] = str(err)
+    if missing:
+        rest = f"builtin:all,{','.join('-' + n for n in missing)} is every other source"
+        if len(missing) == 1:
+            (n, why), = missing.items()
+            raise InvalidConfigError(f"built-in source {n!r}: {why}; or leave it out ({rest})")
+        raise InvalidConfigError("built-in sources not available here: "
+                                 + "; ".join(f"{n!r} ({why})" for n, why in missing.items())
+                                 + f": install them, or leave them out ({rest})")
+    return names
+
+
 def _resolve_sources(sources) -> tuple[str, ...]:
     if sources is None:
         return VENDORED
     if isinstance(sources, str):
-        return parse_builtin_spec(sources if is_builtin_spec(sources) else f"{BUILTIN}:{sources}")
+        return require_installed(parse_builtin_spec(sources if is_builtin_spec(sources) else f"{BUILTIN}:{sources}"))
     names = tuple(sources)
     if not names:
         raise InvalidConfigError("no text source given: name at least one, e.g. ['bible']")
     for n in names:
         _source(n)
-    return tuple(n for n in SOURCES if n in set(names))
+    return require_installed(n for n in SOURCES if n in set(names))
 
 
 def heldout_texts(sources=None, limit: int | None = None) -> dict[str, list[str]]:
@@ -789,7 +811,7 @@ def load_calibration(spec: str | Path | None = BUILTIN, *, column: str | None = 
     if spec is None or is_builtin_spec(spec):
         if column is not None:
             raise InvalidConfigError(f"a text column is for a data file; the built-in text has no columns: drop {_COLUMN}")
-        names = parse_builtin_spec(spec or BUILTIN)
+        names = require_installed(parse_builtin_spec(spec or BUILTIN))
         pools = {name: source_texts(name, "calibration") for name in names}
         texts = balanced_mix(pools, tokenizer, limit=limit, max_tokens=max_tokens)
     else:

