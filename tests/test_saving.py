@@ -248,3 +248,24 @@ def test_a_card_that_cannot_be_written_does_not_fail_the_save(saved, tmp_path, m
         fused.save_pretrained(tmp_path / "out")
     assert {"config.json", "model.safetensors", *BUNDLE} <= {p.name for p in (tmp_path / "out").iterdir()}
     assert not (tmp_path / "out" / "README.md").exists()
+
+
+@pytest.mark.parametrize("model_type", sorted(KINDS))
+def test_a_fused_width_of_one_is_saved_and_loads(tmp_path, model_type, one_thread):
+    """A width of 1 (what `--intermediate-size 1` or a tiny ratio gives) makes one-element tensor views
+    at odd strides; every writer stores them, and the folder loads to the model fuse() made."""
+    from hf_mlpfusion.cli.main import app
+
+    head = KINDS[model_type]
+    src = tmp_path / "src"
+    original = tiny.model(model_type, head)
+    original.save_pretrained(src)
+    for extra, fold in (([], False), (["--in-memory"], False), (["--fold-scale"], True)):
+        out = tmp_path / f"out{len(extra)}{fold}"
+        res = CliRunner().invoke(app, ["compress", str(src), "--layers", "0", "--intermediate-size", "1",
+                                       "-o", str(out), "-q", *extra])
+        assert res.exit_code == 0, res.output
+        loaded = getattr(transformers, AUTO[head]).from_pretrained(out).eval()
+        want = fuse(original, FusionConfig(intermediate_size=1, layers=[0], fold_scale=fold)).eval()
+        assert json.loads((out / "config.json").read_text())["intermediate_sizes"][0] == 1
+        assert tiny.max_diff(tiny.outputs(loaded, head), tiny.outputs(want, head)) < 1e-5

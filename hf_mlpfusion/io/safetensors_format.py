@@ -104,6 +104,8 @@ def header(specs: dict[str, TensorSpec], metadata: dict[str, str] | None = None)
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     """The tensor's bytes as safetensors stores them (C order, little-endian, on the CPU)."""
     t = tensor.detach().to("cpu").contiguous().reshape(-1)
+    if t.numel() and t.stride(0) != 1:  # a one-element view counts as contiguous at any stride (a width-1 MLP)
+        t = t.new_empty(t.shape).copy_(t)  # (clone would keep the stride)
     return memoryview(t.view(torch.uint8).numpy())
 
 
