@@ -12,6 +12,24 @@ from .errors import InvalidConfigError
 DEFAULT_RATIO = 0.25  # the paper's setting (3072 -> 768)
 
 
+MAX_LAYER_INDEX = 99_999  # beyond any model's depth: a larger index is a typo, refused before it is expanded
+
+
+def layer_ranges(indices) -> str:
+    """Sorted layer indices written short: [0, 1, 2, 5, 7, 8] -> '0-2, 5, 7-8'."""
+    out, run = [], []
+    for i in sorted(indices):
+        if run and i == run[-1] + 1:
+            run.append(i)
+            continue
+        if run:
+            out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
+        run = [i]
+    if run:
+        out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
+    return ", ".join(out)
+
+
 def parse_layers(spec: str | Sequence[int] | range | None) -> list[int] | None:
     """'4-11', '0,2,5', '0-3,8' or a sequence of ints -> sorted unique list; None means all layers."""
     if spec is None:
@@ -34,8 +52,13 @@ def parse_layers(spec: str | Sequence[int] | range | None) -> list[int] | None:
             lo, hi = int(m.group(1)), int(m.group(2) if m.group(2) is not None else m.group(1))
             if hi < lo:
                 raise InvalidConfigError(f"bad layer range {part!r} in {spec!r}: write it low-high, e.g. '4-11'")
+            if hi > MAX_LAYER_INDEX:
+                raise InvalidConfigError(f"layer {hi} in {spec!r} is beyond any model's depth: layers are numbered "
+                                         "from 0 to the model's number of layers - 1")
             out.update(range(lo, hi + 1))
         return sorted(out)
+    if isinstance(spec, range) and spec and max(spec[0], spec[-1]) > MAX_LAYER_INDEX:
+        raise InvalidConfigError(f"layers {spec} reach beyond any model's depth: name the model's layers (0-based)")
     try:
         values = [int(i) for i in spec]
     except (TypeError, ValueError):
@@ -155,7 +178,7 @@ class FusionConfig:
         bad = [i for i in self.layers if i >= num_layers]
         if bad:
             raise InvalidConfigError(
-                f"layer(s) {bad} out of range: this model has {num_layers} layers (0-{num_layers - 1})"
+                f"layer(s) {layer_ranges(bad)} out of range: this model has {num_layers} layers (0-{num_layers - 1})"
             )
         if not self.layers:
             raise InvalidConfigError("the layer list is empty: name at least one layer")

@@ -101,6 +101,8 @@ def test_default_output_name_and_output_in_the_way(bert_dir, tmp_path, monkeypat
         (["--layers", "1-x"], ["bad layer list"]),
         (["--layers", "2-1"], ["low-high"]),
         (["--layers", "0,7"], ["out of range", "3 layers"]),
+        (["--layers", "1,4-90,99"], ["layer(s) 4-90, 99 out of range", "3 layers (0-2)"]),  # short, not 88 indices
+        (["--layers", "0-99999999"], ["beyond any model's depth"]),  # refused before 10^8 indices are made
         (["--method", "magic"], ["unknown method"]),
         (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--device", "tpu"], ["device"]),
     ],
