@@ -151,7 +151,13 @@ class FusionConfig:
             if k > width:
                 raise InvalidConfigError(f"width {k} for layer {layer} is larger than its {width} neurons")
             return k
-        return round_width(self._width_for(width), width, self.width_multiple)
+        k = self._width_for(width)
+        if self.width_multiple > k:  # rounding up to one multiple would fuse far less than asked, or nothing
+            asked = f"--intermediate-size {k}" if self.intermediate_size is not None else f"ratio {self.ratio:g}"
+            raise InvalidConfigError(
+                f"width multiple {self.width_multiple} is larger than the fused width {k} that {asked} gives "
+                f"({width} neurons): use a multiple of at most {k}, or a larger width")
+        return round_width(k, width, self.width_multiple)
 
     def _width_for(self, width: int) -> int:
         if self.intermediate_size is not None:

@@ -103,6 +103,8 @@ def test_default_output_name_and_output_in_the_way(bert_dir, tmp_path, monkeypat
         (["--layers", "0,7"], ["out of range", "3 layers"]),
         (["--layers", "1,4-90,99"], ["layer(s) 4-90, 99 out of range", "3 layers (0-2)"]),  # short, not 88 indices
         (["--layers", "0-99999999"], ["beyond any model's depth"]),  # refused before 10^8 indices are made
+        (["--width-multiple", "32"], ["width multiple 32 is larger than the fused width 16", "at most 16"]),
+        (["--allocate", "--calibration", "builtin", "--width-multiple", "32"], ["fused width 16"]),
         (["--method", "magic"], ["unknown method"]),
         (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--device", "tpu"], ["device"]),
     ],
