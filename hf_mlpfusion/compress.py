@@ -120,37 +120,12 @@ def resolve_source(model_id: str | None, *, revision: str | None = None, token: 
 
 
 def _download(repo_id: str, *, revision, token, allow_pickle) -> Path:
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (
-        GatedRepoError,
-        HFValidationError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
+    from .hub import download
 
     patterns = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.md"]
     if allow_pickle:
         patterns.append("*.bin")
-    try:
-        return Path(snapshot_download(repo_id, revision=revision, token=token, allow_patterns=patterns))
-    except HFValidationError:
-        raise ModelNotFoundError(f"{repo_id!r} is neither a local folder nor a valid Hub id (org/name)") from None
-    except GatedRepoError:
-        raise ModelNotFoundError(f"{repo_id} is gated: accept its terms on the Hub and pass --token") from None
-    except RepositoryNotFoundError:
-        raise ModelNotFoundError(
-            f"model {repo_id} not found (no such folder, and no such Hub repo or no access): check the name or pass --token"
-        ) from None
-    except RevisionNotFoundError:
-        raise ModelNotFoundError(f"revision {revision!r} of {repo_id} not found: check --revision") from None
-    except LocalEntryNotFoundError:
-        raise NetworkError(
-            f"could not download {repo_id}: the Hub is unreachable (or HF_HUB_OFFLINE is set) and it is not cached; "
-            "check the network or pass a local folder"
-        ) from None
-    except OSError as err:  # connection errors from httpx/requests are OSErrors
-        raise NetworkError(f"could not download {repo_id}: {err.__class__.__name__}; check the network and retry") from None
+    return download(repo_id, patterns, revision=revision, token=token)
 
 
 def check_weights(folder: Path, *, allow_pickle: bool = False) -> list[Path]:

@@ -418,11 +418,12 @@ def _shown_source(source: str | None) -> str | None:
     return PurePath(source.replace("\\", "/")).name if _is_path_like(source) else source
 
 
-def download_file(repo_id: str, filename: str, *, revision: str | None = None, token: str | None = None) -> Path:
-    """One file of a Hub model (`info` needs config.json only), with the same errors as a full download."""
-    from huggingface_hub import hf_hub_download
+def download(repo_id: str, patterns: list[str], *, revision: str | None = None, token: str | None = None) -> Path:
+    """The files of a Hub model that match `patterns`, in the local cache: its snapshot folder. One
+    request tells whether the Hub answers (no retry loop when it is unreachable), and every failure
+    is one of our errors that says what to do."""
+    from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
-        EntryNotFoundError,
         GatedRepoError,
         HFValidationError,
         LocalEntryNotFoundError,
@@ -431,7 +432,7 @@ def download_file(repo_id: str, filename: str, *, revision: str | None = None, t
     )
 
     try:
-        return Path(hf_hub_download(repo_id, filename, revision=revision, token=token))
+        return Path(snapshot_download(repo_id, revision=revision, token=token, allow_patterns=patterns))
     except HFValidationError:
         raise ModelNotFoundError(f"{repo_id!r} is neither a local folder nor a valid Hub id (org/name)") from None
     except GatedRepoError:
@@ -441,13 +442,19 @@ def download_file(repo_id: str, filename: str, *, revision: str | None = None, t
                                  "check the name or pass --token") from None
     except RevisionNotFoundError:
         raise ModelNotFoundError(f"revision {revision!r} of {repo_id} not found: check --revision") from None
-    except LocalEntryNotFoundError:  # before EntryNotFoundError, its base class
+    except LocalEntryNotFoundError:
         raise NetworkError(f"could not download {repo_id}: the Hub is unreachable (or HF_HUB_OFFLINE is set) and it "
                            "is not cached; check the network or pass a local folder") from None
-    except EntryNotFoundError:
-        raise ModelNotFoundError(f"{repo_id} has no {filename}: it is not a transformers checkpoint") from None
-    except OSError as err:
+    except OSError as err:  # connection errors from httpx/requests are OSErrors
         raise NetworkError(f"could not download {repo_id}: {err.__class__.__name__}; check the network and retry") from None
+
+
+def download_file(repo_id: str, filename: str, *, revision: str | None = None, token: str | None = None) -> Path:
+    """One file of a Hub model (`info` needs config.json only), with the same errors as a full download."""
+    path = download(repo_id, [filename], revision=revision, token=token) / filename
+    if not path.is_file():
+        raise ModelNotFoundError(f"{repo_id} has no {filename}: it is not a transformers checkpoint")
+    return path
 
 
 # -- model card ----------------------------------------------------------------------------------

@@ -188,6 +188,12 @@ def test_one_network_exit_code_for_downloads_and_uploads(folders, hub_env, tmp_p
     monkeypatch.setattr("hf_mlpfusion.hub.time.sleep", lambda s: None)
     one_error_line(run("push", "my-org/x", fused, "--endpoint", url, "--token", WRITE_TOKEN), "cannot reach the Hub",
                    code=4)
+    env = {**os.environ, "HF_ENDPOINT": url, "HF_HOME": str(tmp_path / "home"), "OMP_NUM_THREADS": "1"}
+    for command in (["info", "some-org/some-model", "-q"], ["compress", "some-org/some-model", "-o", str(tmp_path / "o"), "-q"]):
+        proc = subprocess.run([sys.executable, "-m", "hf_mlpfusion.cli.main", *command], env=env, capture_output=True,
+                              text=True, timeout=300)  # a Hub that refuses connections: one line, no retry log
+        assert proc.returncode == 4 and proc.stdout == "", proc.stderr[-2000:]
+        assert proc.stderr.startswith("error: could not download") and proc.stderr.count("\n") == 1, proc.stderr[-2000:]
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
     one_error_line(run("compress", "some-org/some-model", "-o", tmp_path / "o"), "could not download", code=4)
     one_error_line(run("info", "some-org/some-model"), "could not download", code=4)
