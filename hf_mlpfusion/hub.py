@@ -298,6 +298,9 @@ def push_folder(folder: str | os.PathLike, repo_id: str, *, token: str | None = 
         raise HubError(f"{folder} is not a folder: give the output folder of `mlpfusion compress`")
     if not _local_files(folder):
         raise HubError(f"{folder} is empty: nothing to publish")
+    if not (folder / "config.json").is_file():  # checked here, before any request: a folder of other files
+        raise HubError(f"{folder} has no config.json, so it is not a checkpoint folder: give the output folder of "
+                       "`mlpfusion compress` (`hf upload` publishes other files)")
     if create_pr and revision and revision.startswith("refs/pr/"):
         raise HubError("--create-pr opens a new pull request: give a branch as --revision, not a PR ref")
 

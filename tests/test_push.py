@@ -189,6 +189,19 @@ def test_not_a_folder_is_a_user_error(hub, tmp_path):
     assert err.value.exit_code == 1 and not isinstance(err.value, (HubAuthError, HubNetworkError))
 
 
+def test_a_folder_that_is_no_checkpoint_is_refused_before_any_request(tmp_path):
+    down = HubServer().start()
+    url = down.url
+    down.stop()  # were a request made, it would be a network error (exit 4), not exit 1
+    notes = tmp_path / "notes"
+    (notes / "sub").mkdir(parents=True)
+    (notes / "sub" / "todo.txt").write_text("not a model\n")
+    with pytest.raises(HubError, match="has no config.json, so it is not a checkpoint folder") as err:
+        push_folder(notes, REPO, token=WRITE_TOKEN, endpoint=url, retries=0)
+    assert err.value.exit_code == 1 and not isinstance(err.value, (HubAuthError, HubNetworkError))
+    assert sorted(p.name for p in notes.rglob("*")) == ["sub", "todo.txt"]  # nothing written into it
+
+
 # -- CLI -----------------------------------------------------------------------------------------
 
 
