@@ -159,9 +159,11 @@ def clean_stale(output: Path) -> list[Path]:
     host = socket.gethostname()
     for path in entries:
         m = _LEFTOVER.match(path.name)
-        if m is None or not path.is_dir() or path.is_symlink():
+        if m is None or not path.is_dir() and not path.is_symlink():
             continue
         ours = m.group("name") == output.name
+        if path.is_symlink() and not (ours and m.group("kind") == "old"):
+            continue  # a link is only ever left as a replaced output of this name
         if m.group("kind") == "probe" and not ours:
             continue
         owner = _owner(path)
@@ -171,8 +173,10 @@ def clean_stale(output: Path) -> list[Path]:
             continue
         target = output.parent / m.group("name")
         try:
-            if m.group("kind") == "old" and not target.exists():
+            if m.group("kind") == "old" and not target.exists() and not target.is_symlink():
                 path.rename(target)  # died between moving the old output away and renaming the new one in
+            elif path.is_symlink():
+                path.unlink()
             else:
                 shutil.rmtree(path)
             removed.append(path)
@@ -246,8 +250,19 @@ def atomic_save(write: Callable[[Path], None], output: str | Path, *, overwrite:
             except OSError:
                 pass  # left as .NAME.old-PID, which the next run puts back (`clean_stale`)
         if output.exists():
-            shutil.rmtree(old, ignore_errors=True)
+            _remove(old)
     return output
+
+
+def _remove(path: Path) -> None:
+    """Remove a replaced output: a folder with what it holds, or a symbolic link alone (never its target)."""
+    if path.is_symlink():
+        try:
+            path.unlink()
+        except OSError:
+            pass
+    else:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 __all__ = ["absolute", "atomic_save", "check_output", "check_source", "clean_stale", "partial_path", "relation",

@@ -502,6 +502,20 @@ def test_a_replaced_output_left_by_a_dead_run_is_put_back(bert, work):
     assert (work / "out" / "model.safetensors").is_file() and leftovers(work) == []
 
 
+def test_overwriting_an_output_that_is_a_symlink_replaces_the_link_and_leaves_nothing(bert, work):
+    assert run("compress", bert, "-o", work / "target").exit_code == 0
+    before = snapshot(work / "target")
+    (work / "link").symlink_to(work / "target")
+    assert run("compress", bert, "-o", work / "link", "--overwrite", "--seed", "1").exit_code == 0
+    assert not (work / "link").is_symlink() and (work / "link" / "model.safetensors").is_file()
+    assert snapshot(work / "target") == before  # the link's target is the user's: never touched
+    assert leftovers(work) == []
+    dead = dead_pid()  # a run that died after replacing a link leaves it beside the output
+    (work / f".link.old-{dead}").symlink_to(work / "target")
+    assert run("compress", bert, "-o", work / "link", "--overwrite").exit_code == 0
+    assert leftovers(work) == [] and snapshot(work / "target") == before
+
+
 # --- 7. NaN or inf weights are refused -----------------------------------------------------------
 
 
