@@ -681,15 +681,25 @@ def _read_tables(kind: str, paths: list[Path], column: str | None, flag: str = _
     builder, kwargs = ("csv", {"delimiter": "\t"}) if kind == "tsv" else (kind, {})
     names = ", ".join(str(p) for p in paths[:3]) + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
     bars = not datasets.are_progress_bars_disabled()
+    verbosity = datasets.logging.get_verbosity()
     datasets.disable_progress_bars()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its log of a bad file would be a second line
     try:
         with tempfile.TemporaryDirectory(prefix="mlpfusion-datasets-") as cache:
             ds = datasets.load_dataset(builder, data_files=[str(p) for p in paths], split="train",
                                        cache_dir=cache, keep_in_memory=True, **kwargs)
     except Exception as err:  # datasets/pyarrow raise many types for a malformed file
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        if "corresponds to no data" in str(err):
+            raise InvalidConfigError(f"{names} holds no rows: give a file with one sample per row") from None
+        root = err  # "An error occurred while generating the dataset" hides the cause: name that
+        for _ in range(10):
+            if (root.__cause__ or root.__context__) is None:
+                break
+            root = root.__cause__ or root.__context__
+        first = (str(root).strip().splitlines() or [type(root).__name__])[0][:200]
         raise InvalidConfigError(f"could not read {names} as {builder}: {first}") from None
     finally:
+        datasets.logging.set_verbosity(verbosity)
         if bars:
             datasets.enable_progress_bars()
     columns = list(ds.column_names)

@@ -228,3 +228,28 @@ def test_the_summary_says_what_to_run_next_and_that_command_runs(tmp_path, monke
     assert "Measure how close it stays: mlpfusion evaluate tiny-bert './-rel out' --text builtin" in res.stdout
     ev = run("evaluate", "tiny-bert", "./-rel out", "--text", "builtin:bible", "-n", 2, "--ntk-examples", 0)
     assert ev.exit_code == 0, ev.output
+
+
+def test_quiet_silences_notes_and_a_bad_data_file_is_one_line(tmp_path):
+    from test_card import tiny_bert_with_tokenizer
+
+    src = tiny_bert_with_tokenizer(tmp_path / "tiny-bert")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "300"}
+
+    def compress(*args):
+        return subprocess.run([sys.executable, "-m", "hf_mlpfusion.cli.main", "compress", str(src), "--layers", "0",
+                               *map(str, args)], env=env, capture_output=True, text=True, timeout=300)
+
+    in_memory = ["--method", "sketch", "--calibration", "builtin", "--calibration-samples", 8]  # cannot stream: a note
+    loud = compress(*in_memory, "-o", tmp_path / "loud")
+    assert loud.returncode == 0 and "note: compressing in memory, not streaming" in loud.stderr
+    quiet = compress(*in_memory, "-o", tmp_path / "quiet", "-q")
+    assert quiet.returncode == 0 and quiet.stderr == "" and quiet.stdout == f"{tmp_path / 'quiet'}\n"
+    (tmp_path / "bad.jsonl").write_text("not json\n")
+    (tmp_path / "header.csv").write_text("text,label\n")
+    for name, needle in (("bad.jsonl", "could not read"), ("header.csv", "holds no rows")):
+        for extra in ([], ["-q"]):
+            res = compress("--calibration", tmp_path / name, "-o", tmp_path / "never", *extra)
+            assert res.returncode == 1 and res.stderr.startswith("error: ") and res.stderr.count("\n") == 1, res.stderr
+            assert needle in res.stderr and "An error occurred while generating" not in res.stderr
+    assert not (tmp_path / "never").exists()

@@ -14,6 +14,7 @@ import contextlib
 import errno
 import functools
 import json
+import logging
 import os
 import re
 import signal
@@ -268,11 +269,15 @@ def progress(quiet: bool, start: str = "starting"):
 
     hub_bars_off, bars_on, verbosity = are_progress_bars_disabled(), hf_logging.is_progress_bar_enabled(), \
         hf_logging.get_verbosity()
+    ours = logging.getLogger("hf_mlpfusion")  # its notes ("compressing in memory, not streaming: ...")
+    level = ours.level
     hf_logging.disable_progress_bar()  # the Hub's too
     hf_logging.set_verbosity_error()
+    ours.setLevel(logging.ERROR)
     try:
         yield lambda msg: None
     finally:
+        ours.setLevel(level)
         hf_logging.set_verbosity(verbosity)
         if bars_on:
             hf_logging.enable_progress_bar()
