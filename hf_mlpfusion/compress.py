@@ -531,13 +531,14 @@ def compress(model_id: str | None = None, config: FusionConfig | None = None, ou
     checks.check_finite(fused, str(source_dir), fused=True)
     t0 = time.perf_counter()
     say(f"saving to {output}")
-    atomic_save(lambda tmp: save_fused(fused, tmp, source_dir=source_dir, repo_id=repo_id, tokenizer=tokenizer,
-                                       max_shard_size=max_shard_size), target, overwrite=overwrite)
+    written = atomic_save(lambda tmp: save_fused(fused, tmp, source_dir=source_dir, repo_id=repo_id,
+                                                 tokenizer=tokenizer, max_shard_size=max_shard_size),
+                          target, overwrite=overwrite)
     seconds["save"] = time.perf_counter() - t0
 
     meta = fused.config.mlpfusion
     return CompressResult(
-        output=output,
+        output=written,  # absolute, as the streaming routes give it
         model=fused,
         source=str(source),
         widths_before=list(meta["widths_before"]),

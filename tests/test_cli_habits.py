@@ -228,6 +228,9 @@ def test_the_summary_says_what_to_run_next_and_that_command_runs(tmp_path, monke
     assert "Measure how close it stays: mlpfusion evaluate tiny-bert './-rel out' --text builtin" in res.stdout
     ev = run("evaluate", "tiny-bert", "./-rel out", "--text", "builtin:bible", "-n", 2, "--ntk-examples", 0)
     assert ev.exit_code == 0, ev.output
+    for route in ("--in-memory", "--streaming"):  # either way the folder is named in full, as "saved to" names it
+        res = run("compress", "tiny-bert", "--ratio", "0.5", "-o", f"q{route}", route, "-q")
+        assert res.exit_code == 0 and res.stdout == f"{tmp_path / ('q' + route)}\n", res.output
 
 
 def test_quiet_silences_notes_and_a_bad_data_file_is_one_line(tmp_path):
