@@ -162,6 +162,8 @@ def test_evaluate_of_the_fused_checkpoint_alone(folders, tmp_path):
 
     out = tmp_path / "mini"
     assert run("compress", "--layers", "5", "--ratio", "0.5", "-o", out, "-q").exit_code == 0
+    shown = " ".join(run("info", out, env={"COLUMNS": "300"}).stdout.split())
+    assert "not measured (run `mlpfusion evaluate FUSED --text builtin --card`)" in shown  # info's hint, which runs:
     alone = run("evaluate", out, "-n", 2, "--ntk-examples", 0, "--json")
     assert alone.exit_code == 0, alone.output
     both = run("evaluate", default_model_path(), out, "-n", 2, "--ntk-examples", 0, "--json")
@@ -173,6 +175,8 @@ def test_evaluate_of_the_fused_checkpoint_alone(folders, tmp_path):
     fidelity = json.loads((out / "config.json").read_text())["mlpfusion"]["fidelity"]
     assert fidelity["compared_with"] == "sentence-transformers/all-MiniLM-L6-v2"
     src, fused = folders
+    shown = " ".join(run("info", fused, env={"COLUMNS": "300"}).stdout.split())
+    assert "not measured (run `mlpfusion evaluate ORIGINAL FUSED --text builtin --card`)" in shown  # no source named
     one_error_line(run("evaluate", fused), "made from a local folder or file (tiny-bert)", f"mlpfusion evaluate ORIGINAL {fused}")
     one_error_line(run("evaluate", src), "is not an MLP-fused checkpoint", "give both")
     one_error_line(run("evaluate"), "Missing argument 'FUSED'", code=2)

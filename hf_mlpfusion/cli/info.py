@@ -110,8 +110,9 @@ def _fidelity(meta: dict) -> str:
     """What `evaluate --card` recorded, in a line: the cosine (encoders) or perplexity ratio (causal
     LMs) on each text, against which model."""
     fid = meta.get("fidelity")
-    if not isinstance(fid, dict):
-        return "not measured (run `mlpfusion evaluate FUSED --card`)"
+    if not isinstance(fid, dict):  # FUSED alone when its config names a Hub base model to compare with
+        original = "" if isinstance(meta.get("base_model"), str) and meta["base_model"] else "ORIGINAL "
+        return f"not measured (run `mlpfusion evaluate {original}FUSED --text builtin --card`)"
     entries = fid["domains"] if isinstance(fid.get("domains"), list) else [{**fid, "name": fid.get("text")}]
     parts = []
     for entry in entries:
