@@ -427,6 +427,9 @@ def compress(model_id: str | None = None, config: FusionConfig | None = None, ou
     say = progress or (lambda msg: None)
     # 1. every option, before anything is read
     output = Path(output) if output is not None else default_output(model_id, config)
+    if calibration is None and calibration_column is not None:
+        raise InvalidConfigError("--calibration-column names the text column of --calibration's data file: "
+                                 "add --calibration FILE, or drop it")
     data_aware = check_options(config, distill_steps=distill_steps, calibration=calibration,
                                calibration_samples=calibration_samples, data_aware=data_aware)
     if allocate and calibration is None:

@@ -105,6 +105,9 @@ def test_default_output_name_and_output_in_the_way(bert_dir, tmp_path, monkeypat
         (["--layers", "0-99999999"], ["beyond any model's depth"]),  # refused before 10^8 indices are made
         (["--width-multiple", "32"], ["width multiple 32 is larger than the fused width 16", "at most 16"]),
         (["--allocate", "--calibration", "builtin", "--width-multiple", "32"], ["fused width 16"]),
+        (["--calibration-column", "body"], ["names the text column", "add --calibration"]),  # not ignored
+        (["--private"], ["--private is for the upload", "add --push-to-hub"]),
+        (["--create-pr", "--commit-message", "m"], ["--create-pr and --commit-message are for the upload"]),
         (["--method", "magic"], ["unknown method"]),
         (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--device", "tpu"], ["device"]),
     ],

@@ -58,6 +58,12 @@ def compress(
     if model is not None and model.lower() in ("true", "false", "yes", "no") and not Path(model).exists():
         raise InvalidConfigError(f"MODEL is {model!r}: flags take no value; write --overwrite, not --overwrite {model}")
 
+    if push_to_hub is None:
+        given = [name for name, value in (("--private", private), ("--create-pr", create_pr),
+                                          ("--commit-message", commit_message)) if value]
+        if given:
+            raise InvalidConfigError(f"{' and '.join(given)} {'is' if len(given) == 1 else 'are'} for the upload: add "
+                                     f"--push-to-hub ORG/NAME, or drop {'it' if len(given) == 1 else 'them'}")
     main = is_main_process()  # under torchrun every process runs this; only process 0 talks and publishes
 
     config = FusionConfig(ratio=ratio, intermediate_size=intermediate_size, layers=layers, seed=seed,
