@@ -94,6 +94,9 @@ def check_output(output: str | Path, overwrite: bool, *, source: Path | None = N
     check_source(output, source)
     parent = output.parent
     if not parent.is_dir():
+        above = next((p for p in output.parents if p.exists()), None)
+        if above is not None and not above.is_dir():
+            raise InvalidConfigError(f"{above} is a file, so no folder can be made inside it: choose another --output")
         raise InvalidConfigError(f"the folder {parent} does not exist: create it first or choose another --output")
     clean_stale(output)  # a dead run's leftovers first: a replaced output it left is put back before the checks
     if output.is_symlink() and not output.exists():

@@ -171,7 +171,7 @@ def test_interrupted_run_leaves_nothing_behind(bert_dir, tmp_path, monkeypatch):
 
 
 def test_info_on_a_folder_that_is_not_fused(bert_dir, tmp_path):
-    assert_one_line_error(run("info", bert_dir), "not an MLP-fused checkpoint")
+    assert_one_line_error(run("info", bert_dir), "not an MLP-fused checkpoint", f"`mlpfusion compress {bert_dir}` makes one")
     assert_one_line_error(run("info", tmp_path), "no config.json")
     # a folder that is not there at all says so, as compress and evaluate do
     assert_one_line_error(run("info", tmp_path / "typo"), "no such folder")

@@ -572,6 +572,9 @@ def test_unsupported_devices_are_one_line(bert, work, device, monkeypatch):
 def test_unwritable_outputs_are_one_line(bert, work):
     assert_fails(run("compress", bert, "-o", "/proc/out"), 6, "/proc")
     assert_fails(run("compress", bert, "-o", work / "no" / "such" / "out"), 1, "does not exist")
+    (work / "notes.txt").write_text("a file\n")
+    assert_fails(run("compress", bert, "-o", work / "notes.txt" / "sub" / "out"), 1, "notes.txt is a file")
+    assert (work / "notes.txt").read_text() == "a file\n"
 
 
 def full_disk(self, *a, **k):

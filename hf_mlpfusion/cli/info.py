@@ -47,7 +47,8 @@ def info(
         raise ModelNotFoundError(f"the config.json of {model} is not valid JSON ({err})") from None
     meta = cfg.get("mlpfusion")
     if not meta:
-        raise ModelNotFoundError(f"{model} is not an MLP-fused checkpoint (config.json has no 'mlpfusion' entry)")
+        raise ModelNotFoundError(f"{model} is not an MLP-fused checkpoint (config.json has no 'mlpfusion' entry): "
+                                 f"`mlpfusion compress {model}` makes one")
     custom = "auto_map" in cfg
     if as_json:
         emit_json({
