@@ -232,6 +232,13 @@ def test_the_summary_says_what_to_run_next_and_that_command_runs(tmp_path, monke
     assert "Measure how close it stays: mlpfusion evaluate tiny-bert './-rel out' --text builtin" in res.stdout
     ev = run("evaluate", "tiny-bert", "./-rel out", "--text", "builtin:bible", "-n", 2, "--ntk-examples", 0)
     assert ev.exit_code == 0, ev.output
+    import tiny
+
+    tiny.model("bert", "BertForMaskedLM").save_pretrained(tmp_path / "no-tokenizer")
+    res = run("compress", "no-tokenizer", "--ratio", "0.5", "-o", "nt-out", env={"COLUMNS": "300"})
+    assert res.exit_code == 0 and "Measure how close" not in res.stdout  # it would fail: say what is missing instead
+    assert res.stdout.rstrip().endswith("No tokenizer files in nt-out: calibration and `mlpfusion evaluate` need the "
+                                        "original's (tokenizer.json, vocab.txt, ...).")
     for route in ("--in-memory", "--streaming"):  # either way the folder is named in full, as "saved to" names it
         res = run("compress", "tiny-bert", "--ratio", "0.5", "-o", f"q{route}", route, "-q")
         assert res.exit_code == 0 and res.stdout == f"{tmp_path / ('q' + route)}\n", res.output

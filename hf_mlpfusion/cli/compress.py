@@ -162,7 +162,12 @@ def print_summary(result) -> None:
 
 def _next_steps(result) -> list[str]:
     """What the summary suggests next: how close the output stays is not known until it is measured."""
+    from hf_mlpfusion.calibrate import has_tokenizer_files
+
     meta = result.model.config.mlpfusion
+    if not has_tokenizer_files(result.output):  # calibration and evaluate both read text
+        return [f"No tokenizer files in {_short(result.output)}: calibration and `mlpfusion evaluate` need the "
+                "original's (tokenizer.json, vocab.txt, ...)."]
     lines = []
     if not meta.get("calibration"):
         lines.append("Data-free (the paper's method): --calibration builtin (or your text) keeps it closer to the original.")
