@@ -137,7 +137,9 @@ def inspect_weights(folder: Path, *, allow_pickle: bool = False) -> tuple[list[P
     """(weights files, {tensor: shape} from their headers, or None for pickles) of a checkpoint folder,
     every safetensors file checked to be whole and every shard of an index to be there."""
     if not (folder / "config.json").is_file():
-        raise ModelNotFoundError(f"{folder} has no config.json: it is not a transformers checkpoint folder")
+        inner = sorted(p.parent.name for p in folder.glob("*/config.json"))  # a sentence-transformers layout
+        hint = f"; the model inside is {folder / inner[0]}: compress that folder" if len(inner) == 1 else ""
+        raise ModelNotFoundError(f"{folder} has no config.json: it is not a transformers checkpoint folder{hint}")
     safe = checks.safetensors_files(folder)
     if not safe:
         pickled = [p for p in PICKLED_WEIGHTS if (folder / p).exists()] + [p.name for p in folder.glob("pytorch_model-*.bin")]

@@ -122,6 +122,9 @@ def test_missing_model_and_unsupported_architecture(tmp_path):
     assert_one_line_error(run("compress", tmp_path / "nope", "-o", tmp_path / "o"), "no such folder")
     (tmp_path / "empty").mkdir()
     assert_one_line_error(run("compress", tmp_path / "empty", "-o", tmp_path / "o"), "no config.json")
+    tiny.model("bert", "BertModel").save_pretrained(tmp_path / "st" / "0_Transformer")  # an old sentence-transformers layout
+    assert_one_line_error(run("compress", tmp_path / "st", "-o", tmp_path / "o"), "no config.json",
+                          f"the model inside is {tmp_path / 'st' / '0_Transformer'}: compress that folder")
     import transformers
 
     cfg = transformers.T5Config(d_model=16, d_ff=32, num_layers=1, num_heads=2, vocab_size=50)
