@@ -89,6 +89,8 @@ class CompressResult:
 
 def default_output(model_id: str | None, config: FusionConfig) -> Path:
     path = Path(str(model_id).rstrip("/")) if model_id is not None else None
+    if path is not None and path.name in ("", ".", "..") and path.exists():
+        path = path.resolve()  # `compress .` is named after the folder, as its card records it
     name = DEFAULT_MODEL_NAME if path is None else (path.stem if path.suffix.lower() == ".gguf" else path.name) or "model"
     amount = f"{config.ratio:g}" if config.intermediate_size is None else f"w{config.intermediate_size}"
     return Path(f"{name}-mlpfusion-{amount}")

@@ -206,3 +206,16 @@ def test_builtin_default_minilm_with_tokenizer_copied(tmp_path, monkeypatch):
     tok = transformers.AutoTokenizer.from_pretrained(out)
     model = transformers.AutoModel.from_pretrained(out)
     assert model(**tok(["a small test"], return_tensors="pt")).last_hidden_state.shape[-1] == 384
+
+
+def test_the_default_output_of_a_relative_dot_source_is_named_after_its_folder(tmp_path, monkeypatch):
+    from hf_mlpfusion import FusionConfig
+    from hf_mlpfusion.compress import default_output
+
+    (tmp_path / "my-bert" / "sub").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "my-bert")
+    config = FusionConfig(ratio=0.5)
+    assert default_output(".", config) == default_output("./", config) == Path("my-bert-mlpfusion-0.5")
+    monkeypatch.chdir(tmp_path / "my-bert" / "sub")
+    assert default_output("..", config) == Path("my-bert-mlpfusion-0.5")  # not "..-mlpfusion-0.5"
+    assert default_output("org/name", config) == Path("name-mlpfusion-0.5")
