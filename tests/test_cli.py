@@ -106,6 +106,7 @@ def test_default_output_name_and_output_in_the_way(bert_dir, tmp_path, monkeypat
         (["--width-multiple", "32"], ["width multiple 32 is larger than the fused width 16", "at most 16"]),
         (["--allocate", "--calibration", "builtin", "--width-multiple", "32"], ["fused width 16"]),
         (["--calibration-column", "body"], ["names the text column", "add --calibration"]),  # not ignored
+        (["--calibration-samples", "8"], ["--calibration-samples sizes the calibration text", "add --calibration"]),
         (["--private"], ["--private is for the upload", "add --push-to-hub"]),
         (["--create-pr", "--commit-message", "m"], ["--create-pr and --commit-message are for the upload"]),
         (["--method", "magic"], ["unknown method"]),
