@@ -715,7 +715,8 @@ def test_a_typo_in_evaluate_is_no_such_folder_at_once(bert, work):
     (["--layers", " , "], "bad layer list"),
     (["--calibration", "no-such-file.txt"], "not found"),
     (["--calibration", ""], "--calibration is empty"),  # not the current folder read as text
-    (["--calibration-samples", "0"], "calibration samples"),
+    (["--calibration", "builtin", "--calibration-samples", "0"], "calibration samples"),
+    (["--calibration-samples", "8"], "--calibration-samples sizes the calibration text"),  # it would do nothing
     (["--distill-steps", "-1"], "distill steps"),
     (["--device", "mps"], "device"),
     (["--data-aware"], "calibration text"),
