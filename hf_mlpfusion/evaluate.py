@@ -108,7 +108,7 @@ def original_of(fused_folder: str | Path, name: str | None = None) -> tuple[str,
     its Hub id (config.json's `mlpfusion.base_model`), loaded from the Hub, or from the installed
     built-in MiniLM when it is that one. A checkpoint made from a local folder cannot name it: that
     is an error saying to give it."""
-    from .sources import DEFAULT_MODEL_ID, default_model_path
+    from .sources import DEFAULT_MODEL_ID, default_model_path, recorded_base_model
 
     name = name or str(fused_folder)
     try:
@@ -118,8 +118,8 @@ def original_of(fused_folder: str | Path, name: str | None = None) -> tuple[str,
     if not isinstance(meta, dict):
         raise InvalidConfigError(f"{name} is not an MLP-fused checkpoint, so it names no original: give both, "
                                  f"`mlpfusion evaluate ORIGINAL FUSED`")
-    base = meta.get("base_model")
-    if not isinstance(base, str) or not base:
+    base = recorded_base_model(meta)
+    if base is None:
         source = meta.get("source_model") or "a local folder"
         raise InvalidConfigError(f"{name} was made from a local folder or file ({source}), which its config cannot point to: "
                                  f"give it, `mlpfusion evaluate ORIGINAL {name}`")

@@ -33,6 +33,13 @@ def default_model_path() -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / "model"
 
 
+def recorded_base_model(meta) -> str | None:
+    """The Hub id a fused checkpoint's `mlpfusion` entry names as the model it was made from, or None
+    (made from a local folder or file, which a config cannot point to)."""
+    base = meta.get("base_model") if isinstance(meta, dict) else None
+    return base if isinstance(base, str) and base else None
+
+
 def looks_local(name: str) -> bool:
     """Is `name` shaped like a local path (whether or not it exists), rather than a Hub id?"""
     text = str(name)

@@ -167,6 +167,7 @@ def print_summary(result) -> None:
 def _next_steps(result) -> list[str]:
     """What the summary suggests next: how close the output stays is not known until it is measured."""
     from hf_mlpfusion.calibrate import has_tokenizer_files
+    from hf_mlpfusion.sources import recorded_base_model
 
     meta = result.model.config.mlpfusion
     if not has_tokenizer_files(result.output):  # calibration and evaluate both read text
@@ -175,7 +176,7 @@ def _next_steps(result) -> list[str]:
     lines = []
     if not meta.get("calibration"):
         lines.append("Data-free (the paper's method): --calibration builtin (or your text) keeps it closer to the original.")
-    original = "" if meta.get("base_model") else f"{_short(result.source)} "
+    original = "" if recorded_base_model(meta) else f"{_short(result.source)} "  # as evaluate FUSED alone decides
     lines.append(f"Measure how close it stays: mlpfusion evaluate {original}{_short(result.output)} --text builtin")
     return lines
 

@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from hf_mlpfusion.errors import ModelNotFoundError
-from hf_mlpfusion.sources import local_folder
+from hf_mlpfusion.sources import local_folder, recorded_base_model
 
 from .common import JsonFlag, QuietFlag, VersionFlag, console, emit_json, progress, user_errors
 
@@ -112,7 +112,7 @@ def _fidelity(meta: dict) -> str:
     LMs) on each text, against which model."""
     fid = meta.get("fidelity")
     if not isinstance(fid, dict):  # FUSED alone when its config names a Hub base model to compare with
-        original = "" if isinstance(meta.get("base_model"), str) and meta["base_model"] else "ORIGINAL "
+        original = "" if recorded_base_model(meta) else "ORIGINAL "
         return f"not measured (run `mlpfusion evaluate {original}FUSED --text builtin --card`)"
     entries = fid["domains"] if isinstance(fid.get("domains"), list) else [{**fid, "name": fid.get("text")}]
     parts = []
