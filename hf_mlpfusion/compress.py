@@ -37,7 +37,7 @@ from .errors import (
     check_interrupted,
 )
 from .fuse import check_data_aware_method, fuse, resolve_device
-from .gguf import gguf_file, load_gguf
+from .gguf import gguf_source, load_gguf
 from .io.writer import DEFAULT_MAX_SHARD_SIZE
 from .methods import DATA_AWARE_METHODS
 from .sources import DEFAULT_MODEL_ID, DEFAULT_MODEL_NAME, DEFAULT_MODEL_PACKAGE, default_model_path, local_folder  # noqa: F401
@@ -442,7 +442,7 @@ def compress(model_id: str | None = None, config: FusionConfig | None = None, ou
 
     base_model = check_base_model(base_model)
     # 2. the output and the source, before anything heavy: the source is never replaced
-    gguf = gguf_file(model_id) if model_id is not None and Path(model_id).expanduser().exists() else None
+    gguf = gguf_source(model_id)
     source_dir = local_source(model_id) if gguf is None else None
     guarded = source_dir if gguf is None else (gguf.parent if Path(model_id).expanduser().is_dir() else None)
     target = check_output(output, overwrite, source=guarded)

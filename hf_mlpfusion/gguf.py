@@ -39,6 +39,15 @@ def gguf_file(path: str | Path) -> Path | None:
     return None
 
 
+def gguf_source(name: str | Path | None) -> Path | None:
+    """The GGUF file a MODEL argument names (`~` expanded; a .gguf file, or a folder holding one and
+    no config.json), or None when it names no existing GGUF source."""
+    if name is None:
+        return None
+    path = Path(name).expanduser()
+    return gguf_file(path) if path.exists() else None
+
+
 def _require_gguf() -> None:
     if importlib.util.find_spec("gguf") is None:
         raise InvalidConfigError("reading a GGUF file needs the gguf package: pip install gguf")
@@ -122,4 +131,4 @@ def convert_gguf(path: str | Path, output: str | Path) -> Path:
     return output
 
 
-__all__ = ["convert_gguf", "gguf_file", "load_gguf"]
+__all__ = ["convert_gguf", "gguf_file", "gguf_source", "load_gguf"]

@@ -93,14 +93,6 @@ def _fixed_rows(table: Table, report) -> None:
                       f"{report.latency_after_ms:.1f} (x{report.latency_ratio:.2f})")
 
 
-def _gguf_source(name: str) -> Path | None:
-    """The GGUF file ORIGINAL names (a .gguf file, or a folder holding one and no config.json), or None."""
-    from hf_mlpfusion.gguf import gguf_file
-
-    path = Path(name).expanduser()
-    return gguf_file(path) if path.exists() else None
-
-
 def _is_fused(folder: Path) -> bool:
     """Whether `folder`'s config.json has hf-mlpfusion's entry (an unreadable one counts as not)."""
     try:
@@ -178,10 +170,10 @@ def evaluate(
 
             original, load_from = original_of(fused_dir, fused)
         say(f"resolving {original}")
-        gguf = _gguf_source(load_from)
-        if gguf is not None:  # a llama.cpp file, as compress reads it: dequantised to its stock model
-            from hf_mlpfusion.gguf import load_gguf
+        from hf_mlpfusion.gguf import gguf_source, load_gguf
 
+        gguf = gguf_source(load_from)
+        if gguf is not None:  # a llama.cpp file, as compress reads it: dequantised to its stock model
             say(f"reading {gguf.name} (GGUF)")
             original_dir = load_gguf(gguf)[0]
         else:
