@@ -33,8 +33,9 @@ def gguf_file(path: str | Path) -> Path | None:
             return found[0]
         if len(found) > 1:
             raise InvalidConfigError(
-                f"{path} holds {len(found)} GGUF files ({', '.join(p.name for p in found[:3])}...): name the one to "
-                "compress, e.g. `mlpfusion compress {path}/{found[0].name}`"
+                f"{path} holds {len(found)} GGUF files ({', '.join(p.name for p in found[:3])}"
+                f"{', ...' if len(found) > 3 else ''}): name the one to "
+                f"compress, e.g. `mlpfusion compress {path / found[0].name}`"
             )
     return None
 

@@ -161,3 +161,16 @@ def test_evaluate_reports_perplexity_on_real_text(smol):
     report = evaluate(model, fused, texts, tok, ntk_examples=2, latency_repeats=0)
     assert 1 < report.perplexity_before < 1000 and report.perplexity_after > report.perplexity_before * 0.99
     assert report.cosine_mean is None and list(report.ntk_error) == [12]
+
+
+def test_a_folder_of_two_gguf_files_names_the_command_for_one_of_them(tmp_path):
+    folder = tmp_path / "ggufs"
+    folder.mkdir()
+    for name in ("a.Q4_1.gguf", "b.Q8_0.gguf"):
+        (folder / name).write_bytes(b"GGUF")  # detection picks the file before anything reads it
+    res = CliRunner().invoke(app, ["compress", str(folder), "-o", str(tmp_path / "out")])
+    assert res.exit_code != 0
+    line = " ".join(res.output.split())
+    assert f"mlpfusion compress {folder}/a.Q4_1.gguf" in line and "{" not in line, res.output
+    assert "(a.Q4_1.gguf, b.Q8_0.gguf)" in line
+    assert not (tmp_path / "out").exists()
