@@ -25,7 +25,7 @@ import torch
 from . import checks, modeling
 from .atomic import atomic_save, check_output, check_source, clean_stale  # noqa: F401  (public here too)
 from .families import family_for, head_name, is_fused_type
-from .config import FusionConfig
+from .config import DEFAULT_CALIBRATION_SAMPLES, FusionConfig
 from .errors import (
     CorruptCheckpointError,
     InvalidConfigError,
@@ -373,7 +373,7 @@ def save_fused(model, folder: Path, *, source_dir: Path | None = None, repo_id: 
     write_model_card(folder, source_dir=source_dir, repo_id=repo_id)
 
 
-def check_options(config: FusionConfig, *, distill_steps: int = 0, calibration=None, calibration_samples: int = 1024,
+def check_options(config: FusionConfig, *, distill_steps: int = 0, calibration=None, calibration_samples: int = DEFAULT_CALIBRATION_SAMPLES,
                   data_aware: bool | None = None) -> bool:
     """Every option of a run that can be checked without the model; returns the resolved data_aware."""
     if isinstance(distill_steps, bool) or not isinstance(distill_steps, int) or distill_steps < 0:
@@ -405,7 +405,7 @@ def compress(model_id: str | None = None, config: FusionConfig | None = None, ou
              overwrite: bool = False, allow_pickle: bool = False, revision: str | None = None,
              token: str | None = None, progress: Callable[[str], None] | None = None,
              calibration: str | Path | None = None, distill_steps: int = 0,
-             calibration_samples: int = 1024, data_aware: bool | None = None,
+             calibration_samples: int = DEFAULT_CALIBRATION_SAMPLES, data_aware: bool | None = None,
              repo_id: str | None = None, calibration_column: str | None = None,
              allocate: bool = False, base_model: str | None = None,
              max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, streaming: bool | None = None) -> CompressResult:

@@ -10,6 +10,7 @@ from typing import Sequence
 from .errors import InvalidConfigError
 
 DEFAULT_RATIO = 0.25  # the paper's setting (3072 -> 768)
+DEFAULT_CALIBRATION_SAMPLES = 1024  # calibration samples read when --calibration-samples is not given
 
 
 MAX_LAYER_INDEX = 99_999  # beyond any model's depth: a larger index is a typo, refused before it is expanded

@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from hf_mlpfusion.config import FusionConfig
+from hf_mlpfusion.config import DEFAULT_CALIBRATION_SAMPLES, FusionConfig
 
 from .common import JsonFlag, QuietFlag, VersionFlag, console, emit_json, flag, note, progress, user_errors
 
@@ -30,7 +30,7 @@ def compress(
     calibration: Annotated[Optional[str], typer.Option("--calibration", help="Calibrate the fused layers on text: 'builtin' (a mix of real domains), 'builtin:SOURCE,...' or 'builtin:-SOURCE', a text file (one sample per line), a folder of text files, or a JSON-lines / CSV / Parquet file.", show_default=False)] = None,
     calibration_column: Annotated[Optional[str], typer.Option("--calibration-column", help="The text column of a JSON-lines / CSV / Parquet calibration file (default: 'text').", show_default=False)] = None,
     distill_steps: Annotated[int, typer.Option("--distill-steps", help="Layer-wise distillation steps towards the original MLPs after fusion (0 = off).")] = 0,
-    calibration_samples: Annotated[Optional[int], typer.Option("--calibration-samples", help="At most this many calibration samples (more samples measured better fidelity). Default: 1024.", show_default=False)] = None,
+    calibration_samples: Annotated[Optional[int], typer.Option("--calibration-samples", help=f"At most this many calibration samples (more samples measured better fidelity). Default: {DEFAULT_CALIBRATION_SAMPLES}.", show_default=False)] = None,
     data_aware: Annotated[Optional[bool], flag("--data-aware/--data-free", help="Cluster in a metric measured on the calibration text's MLP inputs (default: on with --calibration for fusion and cluster), or the paper's data-free clustering.", show_default=False)] = None,
     allocate: Annotated[bool, flag("--allocate", help="Choose each fused layer's width from its measured cost on the calibration text, under the budget --ratio sets for all of them (needs --calibration).")] = False,
     width_multiple: Annotated[int, typer.Option("--width-multiple", help="Round fused widths to a multiple of this (8 or 64 run fastest).")] = 1,
@@ -82,7 +82,7 @@ def compress(
         result = run_compress(model, config, output, overwrite=overwrite, allow_pickle=allow_pickle,
                               revision=revision, token=token, progress=say,
                               calibration=calibration, distill_steps=distill_steps,
-                              calibration_samples=1024 if calibration_samples is None else calibration_samples,
+                              calibration_samples=DEFAULT_CALIBRATION_SAMPLES if calibration_samples is None else calibration_samples,
                               data_aware=data_aware,
                               repo_id=push_to_hub, calibration_column=calibration_column, allocate=allocate,
                               base_model=base_model, max_shard_size=max_shard_size, streaming=streaming)
