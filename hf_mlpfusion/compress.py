@@ -105,14 +105,14 @@ def local_source(model_id: str | None) -> Path | None:
 
 
 def resolve_source(model_id: str | None, *, revision: str | None = None, token: str | None = None,
-                   allow_pickle: bool = False, bare_is_folder: bool = False) -> Path:
+                   allow_pickle: bool = False, bare_is_folder: bool = False, endpoint: str | None = None) -> Path:
     """A local folder holding the checkpoint: the folder itself, or a Hub snapshot of the id. With
     `bare_is_folder`, a bare name (no org) the Hub cannot answer for is reported as a missing folder."""
     path = local_source(model_id)
     if path is not None:
         return path
     try:
-        return _download(str(model_id), revision=revision, token=token, allow_pickle=allow_pickle)
+        return _download(str(model_id), revision=revision, token=token, allow_pickle=allow_pickle, endpoint=endpoint)
     except NetworkError:
         if "/" in str(model_id) or not bare_is_folder:
             raise
@@ -121,13 +121,13 @@ def resolve_source(model_id: str | None, *, revision: str | None = None, token: 
                                  "is unreachable): check the name, or give a path or org/name") from None
 
 
-def _download(repo_id: str, *, revision, token, allow_pickle) -> Path:
+def _download(repo_id: str, *, revision, token, allow_pickle, endpoint=None) -> Path:
     from .hub import download
 
     patterns = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.md"]
     if allow_pickle:
         patterns.append("*.bin")
-    return download(repo_id, patterns, revision=revision, token=token)
+    return download(repo_id, patterns, revision=revision, token=token, endpoint=endpoint)
 
 
 def check_weights(folder: Path, *, allow_pickle: bool = False) -> list[Path]:
@@ -408,7 +408,8 @@ def compress(model_id: str | None = None, config: FusionConfig | None = None, ou
              calibration_samples: int = DEFAULT_CALIBRATION_SAMPLES, data_aware: bool | None = None,
              repo_id: str | None = None, calibration_column: str | None = None,
              allocate: bool = False, base_model: str | None = None,
-             max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, streaming: bool | None = None) -> CompressResult:
+             max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, streaming: bool | None = None,
+             endpoint: str | None = None) -> CompressResult:
     """Fuse a checkpoint (folder or Hub id; None = the built-in MiniLM) and save it to `output`.
 
     `calibration` ("builtin" for the built-in multi-domain mix, a spec such as "builtin:-bible", or
@@ -426,6 +427,7 @@ def compress(model_id: str | None = None, config: FusionConfig | None = None, ou
     `streaming` (None = whenever it applies: safetensors files that load without renaming or casting)
     fuses a layer group at a time, never holding the whole model (`hf_mlpfusion.io.stream`), and a
     calibrated compress a block at a time (`hf_mlpfusion.io.layerwise`); same bytes.
+    `endpoint` is the Hub a Hub id is downloaded from (default: HF_ENDPOINT or huggingface.co).
     """
     config = config or FusionConfig()
     say = progress or (lambda msg: None)
@@ -465,7 +467,8 @@ def compress(model_id: str | None = None, config: FusionConfig | None = None, ou
     else:
         if source_dir is None:
             say("resolving the model")
-            source_dir = resolve_source(model_id, revision=revision, token=token, allow_pickle=allow_pickle)
+            source_dir = resolve_source(model_id, revision=revision, token=token, allow_pickle=allow_pickle,
+                                        endpoint=endpoint)
             check_source(target, source_dir)
         # 3. the checkpoint without its weights: config, architecture, file integrity, tensors vs config
         ckpt = open_checkpoint(source_dir, allow_pickle=allow_pickle)

@@ -421,10 +421,12 @@ def _shown_source(source: str | None) -> str | None:
     return PurePath(source.replace("\\", "/")).name if _is_path_like(source) else source
 
 
-def download(repo_id: str, patterns: list[str], *, revision: str | None = None, token: str | None = None) -> Path:
+def download(repo_id: str, patterns: list[str], *, revision: str | None = None, token: str | None = None,
+             endpoint: str | None = None) -> Path:
     """The files of a Hub model that match `patterns`, in the local cache: its snapshot folder. One
     request tells whether the Hub answers (no retry loop when it is unreachable), and every failure
-    is one of our errors that says what to do."""
+    is one of our errors that says what to do. `endpoint`: the Hub to read from (default: HF_ENDPOINT
+    or huggingface.co), as `--endpoint` names it for pushing too."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
         GatedRepoError,
@@ -435,7 +437,8 @@ def download(repo_id: str, patterns: list[str], *, revision: str | None = None, 
     )
 
     try:
-        return Path(snapshot_download(repo_id, revision=revision, token=token, allow_patterns=patterns))
+        return Path(snapshot_download(repo_id, revision=revision, token=token, allow_patterns=patterns,
+                                     endpoint=endpoint and resolve_endpoint(endpoint)))
     except HFValidationError:
         raise ModelNotFoundError(f"{repo_id!r} is neither a local folder nor a valid Hub id (org/name)") from None
     except GatedRepoError:
@@ -452,9 +455,10 @@ def download(repo_id: str, patterns: list[str], *, revision: str | None = None, 
         raise NetworkError(f"could not download {repo_id}: {err.__class__.__name__}; check the network and retry") from None
 
 
-def download_file(repo_id: str, filename: str, *, revision: str | None = None, token: str | None = None) -> Path:
+def download_file(repo_id: str, filename: str, *, revision: str | None = None, token: str | None = None,
+                  endpoint: str | None = None) -> Path:
     """One file of a Hub model (`info` needs config.json only), with the same errors as a full download."""
-    path = download(repo_id, [filename], revision=revision, token=token) / filename
+    path = download(repo_id, [filename], revision=revision, token=token, endpoint=endpoint) / filename
     if not path.is_file():
         raise ModelNotFoundError(f"{repo_id} has no {filename}: it is not a transformers checkpoint")
     return path

@@ -267,3 +267,27 @@ def test_quiet_silences_notes_and_a_bad_data_file_is_one_line(tmp_path):
             assert res.returncode == 1 and res.stderr.startswith("error: ") and res.stderr.count("\n") == 1, res.stderr
             assert needle in res.stderr and "An error occurred while generating" not in res.stderr
     assert not (tmp_path / "never").exists()
+
+
+def test_endpoint_names_the_hub_to_download_from(folders, hub, tmp_path):
+    """--endpoint is where Hub ids are read from, for every command that reads one (not only where
+    compress pushes): with HF_ENDPOINT pointing nowhere, the named Hub serves info, compress, evaluate."""
+    src, fused = folders
+    push_folder(src, "my-org/tiny-bert", token=WRITE_TOKEN, endpoint=hub.url)
+    push_folder(fused, "my-org/tiny-bert-fused", token=WRITE_TOKEN, endpoint=hub.url)
+    env = {**os.environ, "HF_ENDPOINT": "http://127.0.0.1:9", "HF_TOKEN": WRITE_TOKEN, "HF_HOME": str(tmp_path / "home"),
+           "HF_HUB_DISABLE_XET": "1", "OMP_NUM_THREADS": "1"}
+    cli = [sys.executable, "-m", "hf_mlpfusion.cli.main"]
+
+    def call(*args):
+        done = subprocess.run([*cli, *map(str, args), "--endpoint", hub.url], env=env, capture_output=True, text=True,
+                              timeout=600)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return done.stdout
+
+    assert json.loads(call("info", "my-org/tiny-bert-fused", "--json", "-q"))["mlpfusion"]["source_model"] == "tiny-bert"
+    out = tmp_path / "fused"
+    call("compress", "my-org/tiny-bert", "--ratio", "0.5", "-o", out, "-q")
+    assert json.loads((out / "config.json").read_text())["mlpfusion"]["base_model"] == "my-org/tiny-bert"
+    report = json.loads(call("evaluate", out, "-n", "3", "--ntk-examples", "0", "--json"))  # its original, from there
+    assert report["original"] == "my-org/tiny-bert" and report["parameters_after"] < report["parameters_before"]

@@ -43,7 +43,7 @@ def compress(
     private: Annotated[bool, flag("--private", help="With --push-to-hub: create the repo private.")] = False,
     create_pr: Annotated[bool, flag("--create-pr", help="With --push-to-hub: open a pull request instead of committing to main.")] = False,
     commit_message: Annotated[Optional[str], typer.Option("--commit-message", help="With --push-to-hub: the commit message.", show_default=False)] = None,
-    endpoint: Annotated[Optional[str], typer.Option("--endpoint", help="Hub endpoint (default: HF_ENDPOINT or huggingface.co).", show_default=False)] = None,
+    endpoint: Annotated[Optional[str], typer.Option("--endpoint", help="Hub endpoint to download MODEL from and push to (default: HF_ENDPOINT or huggingface.co).", show_default=False)] = None,
     as_json: JsonFlag = False,
     quiet: QuietFlag = False,
     version: VersionFlag = None,
@@ -85,7 +85,8 @@ def compress(
                               calibration_samples=DEFAULT_CALIBRATION_SAMPLES if calibration_samples is None else calibration_samples,
                               data_aware=data_aware,
                               repo_id=push_to_hub, calibration_column=calibration_column, allocate=allocate,
-                              base_model=base_model, max_shard_size=max_shard_size, streaming=streaming)
+                              base_model=base_model, max_shard_size=max_shard_size, streaming=streaming,
+                              endpoint=endpoint)
     if not main:
         return
     if not as_json:

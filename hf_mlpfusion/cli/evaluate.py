@@ -115,6 +115,7 @@ def evaluate(
     card: Annotated[bool, flag("--card", help="Write the figures into FUSED's config.json and model card (a local folder).")] = False,
     dataset_id: Annotated[Optional[str], typer.Option("--dataset-id", help="With --card: the Hub dataset the --text/--csv samples come from; the figures then also go into the card's model-index.", show_default=False)] = None,
     token: Annotated[Optional[str], typer.Option("--token", help="Hub token for Hub ids (default: HF_TOKEN or the stored login).", show_default=False)] = None,
+    endpoint: Annotated[Optional[str], typer.Option("--endpoint", help="Hub endpoint for Hub ids (default: HF_ENDPOINT or huggingface.co).", show_default=False)] = None,
     as_json: JsonFlag = False,
     quiet: QuietFlag = False,
     version: VersionFlag = None,
@@ -163,7 +164,7 @@ def evaluate(
         texts, where = None, "the built-in held-out text"
     with progress(quiet, "evaluating") as say:
         say(f"resolving {fused}")
-        fused_dir = resolve_source(fused, token=token, bare_is_folder=True)
+        fused_dir = resolve_source(fused, token=token, bare_is_folder=True, endpoint=endpoint)
         load_from = original
         if original is None:
             from hf_mlpfusion.evaluate import original_of
@@ -177,7 +178,7 @@ def evaluate(
             say(f"reading {gguf.name} (GGUF)")
             original_dir = load_gguf(gguf)[0]
         else:
-            original_dir = resolve_source(load_from, token=token, bare_is_folder=True)
+            original_dir = resolve_source(load_from, token=token, bare_is_folder=True, endpoint=endpoint)
         if gguf is None and _is_fused(original_dir) and not _is_fused(fused_dir):
             raise InvalidConfigError(f"the arguments are swapped: {original} is an MLP-fused checkpoint and {fused} is "
                                      f"not; the order is ORIGINAL FUSED: run `mlpfusion evaluate {fused} {original}`")

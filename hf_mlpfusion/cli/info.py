@@ -18,7 +18,7 @@ LOAD_CUSTOM = "import hf_mlpfusion; AutoModel.from_pretrained(dir)  or  AutoMode
 LOAD_STOCK = "AutoModel.from_pretrained(dir)  (stock transformers, no custom code)"
 
 
-def _config_path(model: str, revision: Optional[str], token: Optional[str], quiet: bool) -> Path:
+def _config_path(model: str, revision: Optional[str], token: Optional[str], endpoint: Optional[str], quiet: bool) -> Path:
     folder = local_folder(model)
     if folder is not None:
         if not (folder / "config.json").is_file():
@@ -27,7 +27,7 @@ def _config_path(model: str, revision: Optional[str], token: Optional[str], quie
     from hf_mlpfusion.hub import download_file
 
     with progress(quiet, f"downloading the config.json of {model}"):
-        return download_file(model, "config.json", revision=revision, token=token)
+        return download_file(model, "config.json", revision=revision, token=token, endpoint=endpoint)
 
 
 @user_errors
@@ -35,12 +35,13 @@ def info(
     model: Annotated[str, typer.Argument(metavar="MODEL", help="A folder written by `mlpfusion compress`, or its Hub id (org/name).", show_default=False)],
     revision: Annotated[Optional[str], typer.Option("--revision", help="Revision on the Hub.", show_default=False)] = None,
     token: Annotated[Optional[str], typer.Option("--token", help="Hub token (default: HF_TOKEN or the stored login).", show_default=False)] = None,
+    endpoint: Annotated[Optional[str], typer.Option("--endpoint", help="Hub endpoint (default: HF_ENDPOINT or huggingface.co).", show_default=False)] = None,
     as_json: JsonFlag = False,
     quiet: QuietFlag = False,
     version: VersionFlag = None,
 ) -> None:
     """Print what a fused checkpoint is: source, method, layers, widths, parameters, how to load it."""
-    cfg_path = _config_path(model, revision, token, quiet)
+    cfg_path = _config_path(model, revision, token, endpoint, quiet)
     try:
         cfg = json.loads(cfg_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
