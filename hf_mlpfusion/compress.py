@@ -446,6 +446,11 @@ def compress(model_id: str | None = None, config: FusionConfig | None = None, ou
     # 2. the output and the source, before anything heavy: the source is never replaced
     gguf = gguf_source(model_id)
     source_dir = local_source(model_id) if gguf is None else None
+    if revision is not None and (gguf is not None or source_dir is not None):
+        local = (f"the built-in default is the installed copy of {DEFAULT_MODEL_ID}" if model_id is None
+                 else f"{model_id} is a local {'folder' if Path(model_id).expanduser().is_dir() else 'file'}")
+        raise InvalidConfigError(f"--revision picks a version of a Hub model, and {local}: drop --revision, "
+                                 "or name the Hub id")
     guarded = source_dir if gguf is None else (gguf.parent if Path(model_id).expanduser().is_dir() else None)
     target = check_output(output, overwrite, source=guarded)
     seconds = {}

@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from hf_mlpfusion.errors import ModelNotFoundError
+from hf_mlpfusion.errors import InvalidConfigError, ModelNotFoundError
 from hf_mlpfusion.sources import local_folder, recorded_base_model
 
 from .common import JsonFlag, QuietFlag, VersionFlag, console, emit_json, progress, user_errors
@@ -21,6 +21,9 @@ LOAD_STOCK = "AutoModel.from_pretrained(dir)  (stock transformers, no custom cod
 def _config_path(model: str, revision: Optional[str], token: Optional[str], endpoint: Optional[str], quiet: bool) -> Path:
     folder = local_folder(model)
     if folder is not None:
+        if revision is not None:
+            raise InvalidConfigError(f"--revision picks a version of a Hub model, and {model} is a local folder: "
+                                     "drop --revision, or name the Hub id")
         if not (folder / "config.json").is_file():
             raise ModelNotFoundError(f"{model} has no config.json: give a folder written by `mlpfusion compress`, or a Hub id")
         return folder / "config.json"
