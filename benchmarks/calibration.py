@@ -4,7 +4,7 @@
     python benchmarks/calibration.py --layers 2-5 --variants aware-token --steps 800
 
 Variants: `free` = the paper's data-free clustering, `aware` = data-aware clustering (k-means in the
-metric of the original MLP inputs, `hf_mlpfusion.fusion.DataMetric`); `uniform` / `token` = the
+metric of the original MLP inputs, `hf_mlpfusion.core.metric.DataMetric`); `uniform` / `token` = the
 calibration's token weighting. Each row: fuse (ratio 0.25), then refit + N distillation steps on
 the built-in calibration split (up to 1024 samples, as `compress --calibration builtin` does), scored
 on 400 samples of the disjoint held-out split: mean cosine of mean-pooled normalised embeddings to

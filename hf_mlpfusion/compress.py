@@ -417,7 +417,7 @@ def compress(model_id: str | None = None, config: FusionConfig | None = None, ou
     least-squares refit of each fused layer's output projection; `distill_steps` > 0 adds a short
     layer-wise distillation towards the original MLPs (count vectors stay frozen).
     `data_aware` clusters in a metric taken from the calibration text's MLP inputs (see
-    `hf_mlpfusion.fusion.DataMetric`); None (default) = on whenever there is calibration text and the
+    `hf_mlpfusion.core.metric.DataMetric`); None (default) = on whenever there is calibration text and the
     method clusters (fusion, cluster).
     `repo_id` is the Hub repo the result is meant for (used in the model card's loading snippets).
     `allocate` chooses each fused layer's width from its measured cost on the calibration text, under
