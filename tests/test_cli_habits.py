@@ -65,8 +65,13 @@ def test_flags_take_no_value(folders, tmp_path):
         line = next(line for line in help_text.splitlines() if name in line)
         assert "<" not in line.split(name, 1)[1].split("  ")[0], line
     one_error_line(run("compress", src, "--overwrite", "true"), "flags take no value", "--overwrite", code=2)
-    one_error_line(run("compress", "--overwrite", "true", "-o", tmp_path / "o"), "flags take no value")
+    # the value taken for a positional argument: a malformed command line (2) in every command, never a look-up
+    one_error_line(run("compress", "--overwrite", "true", "-o", tmp_path / "o"), "flags take no value",
+                   "mlpfusion compress -h", code=2)
     assert not (tmp_path / "o").exists()
+    for args in (("push", "--private", "true"), ("push", "org/name", "--create-pr", "yes"),
+                 ("evaluate", "--json", "false"), ("info", "--json", "no")):
+        one_error_line(run(*args), "flags take no value", f"mlpfusion {args[0]} -h", code=2)
 
 
 def test_usage_errors_are_one_line(folders):

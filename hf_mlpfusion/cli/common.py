@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
+import importlib
 import json
 import logging
 import os
@@ -38,6 +39,7 @@ from hf_mlpfusion.errors import (
 _click_errors = sys.modules[typer.BadParameter.__module__]
 ClickException, NoArgsIsHelpError = _click_errors.ClickException, _click_errors.NoArgsIsHelpError
 UsageError = _click_errors.UsageError  # what a command raises for a missing argument it checks itself
+_current_context = importlib.import_module(_click_errors.__name__.rsplit(".", 1)[0] + ".globals").get_current_context
 PASS_THROUGH = (typer.Exit, typer.Abort, ClickException)  # Click prints and exits as usual
 
 console = Console()
@@ -211,6 +213,15 @@ class Command(TyperCommand):
 
 
 _VALUES = ("true", "false", "yes", "no", "on", "off", "1", "0")
+
+
+def refuse_flag_values(*arguments) -> None:
+    """A positional argument that reads as a flag's value (`compress --overwrite true` makes 'true' the
+    MODEL) is a malformed command line: exit 2 with the one line that says how flags are written."""
+    for value in arguments:
+        if value is not None and str(value).lower() in _VALUES[:6] and not os.path.exists(os.path.expanduser(str(value))):
+            raise UsageError(f"{str(value)!r} stands where a model, folder or repo id belongs: flags take no value "
+                             f"(write --overwrite, not --overwrite {value})", _current_context(silent=True))
 
 
 def usage_error_line(err) -> str:

@@ -11,7 +11,8 @@ from rich.table import Table
 
 from hf_mlpfusion.config import DEFAULT_CALIBRATION_SAMPLES, FusionConfig
 
-from .common import JsonFlag, QuietFlag, VersionFlag, console, emit_json, flag, note, progress, user_errors
+from .common import (JsonFlag, QuietFlag, VersionFlag, console, emit_json, flag, note, progress, refuse_flag_values,
+                     user_errors)
 
 
 @user_errors
@@ -55,8 +56,7 @@ def compress(
     from hf_mlpfusion.errors import InvalidConfigError
     from hf_mlpfusion.io import is_main_process
 
-    if model is not None and model.lower() in ("true", "false", "yes", "no") and not Path(model).exists():
-        raise InvalidConfigError(f"MODEL is {model!r}: flags take no value; write --overwrite, not --overwrite {model}")
+    refuse_flag_values(model)
 
     if calibration_samples is not None and calibration is None and not distill_steps:
         raise InvalidConfigError("--calibration-samples sizes the calibration text: add --calibration builtin "

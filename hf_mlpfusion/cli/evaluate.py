@@ -9,7 +9,8 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from .common import JsonFlag, QuietFlag, UsageError, VersionFlag, console, emit_json, flag, note, progress, user_errors
+from .common import (JsonFlag, QuietFlag, UsageError, VersionFlag, console, emit_json, flag, note, progress,
+                     refuse_flag_values, user_errors)
 
 
 def _fmt(x, spec=".4f") -> str:
@@ -123,6 +124,7 @@ def evaluate(
     """Measure what fusion cost: output error, cosine, perplexity / MLM loss, Adam-NTK error, size, speed."""
     from hf_mlpfusion.errors import InvalidConfigError
 
+    refuse_flag_values(original, fused)
     if original is None:
         raise UsageError("Missing argument 'FUSED'.")
     if fused is None:  # one argument: the fused checkpoint, against the model it was made from

@@ -12,7 +12,7 @@ from rich.table import Table
 from hf_mlpfusion.errors import InvalidConfigError, ModelNotFoundError
 from hf_mlpfusion.sources import local_folder, recorded_base_model
 
-from .common import JsonFlag, QuietFlag, VersionFlag, console, emit_json, progress, user_errors
+from .common import JsonFlag, QuietFlag, VersionFlag, console, emit_json, progress, refuse_flag_values, user_errors
 
 LOAD_CUSTOM = "import hf_mlpfusion; AutoModel.from_pretrained(dir)  or  AutoModel.from_pretrained(dir, trust_remote_code=True)"
 LOAD_STOCK = "AutoModel.from_pretrained(dir)  (stock transformers, no custom code)"
@@ -44,6 +44,7 @@ def info(
     version: VersionFlag = None,
 ) -> None:
     """Print what a fused checkpoint is: source, method, layers, widths, parameters, how to load it."""
+    refuse_flag_values(model)
     cfg_path = _config_path(model, revision, token, endpoint, quiet)
     try:
         cfg = json.loads(cfg_path.read_text())

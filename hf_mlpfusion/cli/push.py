@@ -15,7 +15,7 @@ import typer
 from hf_mlpfusion.errors import EXIT_AUTH, EXIT_NETWORK, EXIT_OK, EXIT_USER  # noqa: F401  (documented above)
 from hf_mlpfusion.hub import describe, push_folder
 
-from .common import JsonFlag, QuietFlag, VersionFlag, emit_json, fail, flag, progress, user_errors
+from .common import JsonFlag, QuietFlag, VersionFlag, emit_json, fail, flag, progress, refuse_flag_values, user_errors
 
 
 def _swapped(repo_id: str, folder: Optional[Path]) -> Optional[str]:
@@ -46,6 +46,7 @@ def push(
     version: VersionFlag = None,
 ) -> None:
     """Upload a compressed checkpoint folder to the Hugging Face Hub; prints the commit or PR URL."""
+    refuse_flag_values(repo_id, folder)
     hint = _swapped(repo_id, folder)
     if hint:
         fail(hint, EXIT_USER)
