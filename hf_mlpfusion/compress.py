@@ -446,11 +446,17 @@ def compress(model_id: str | None = None, config: FusionConfig | None = None, ou
     # 2. the output and the source, before anything heavy: the source is never replaced
     gguf = gguf_source(model_id)
     source_dir = local_source(model_id) if gguf is None else None
-    if revision is not None and (gguf is not None or source_dir is not None):
+    if gguf is not None or source_dir is not None:  # Hub options with a local model: refused, not ignored
         local = (f"the built-in default is the installed copy of {DEFAULT_MODEL_ID}" if model_id is None
                  else f"{model_id} is a local {'folder' if Path(model_id).expanduser().is_dir() else 'file'}")
-        raise InvalidConfigError(f"--revision picks a version of a Hub model, and {local}: drop --revision, "
-                                 "or name the Hub id")
+        if revision is not None:
+            raise InvalidConfigError(f"--revision picks a version of a Hub model, and {local}: drop --revision, "
+                                     "or name the Hub id")
+        given = [name for name, value in (("--endpoint", endpoint), ("--token", token)) if value is not None]
+        if given and repo_id is None:  # nothing to download and nothing to publish
+            raise InvalidConfigError(f"{' and '.join(given)} {'is' if len(given) == 1 else 'are'} for the Hub, and "
+                                     f"{local}: drop {'it' if len(given) == 1 else 'them'}, or add --push-to-hub "
+                                     "ORG/NAME to publish the result")
     guarded = source_dir if gguf is None else (gguf.parent if Path(model_id).expanduser().is_dir() else None)
     target = check_output(output, overwrite, source=guarded)
     seconds = {}

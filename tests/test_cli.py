@@ -110,6 +110,8 @@ def test_default_output_name_and_output_in_the_way(bert_dir, tmp_path, monkeypat
         (["--private"], ["--private is for the upload", "add --push-to-hub"]),
         (["--create-pr", "--commit-message", "m"], ["--create-pr and --commit-message are for the upload"]),
         (["--revision", "v1"], ["--revision picks a version of a Hub model", "is a local folder"]),  # not ignored
+        (["--endpoint", "http://127.0.0.1:9"], ["--endpoint is for the Hub", "is a local folder", "add --push-to-hub"]),
+        (["--token", "hf_x", "--endpoint", "http://127.0.0.1:9"], ["--endpoint and --token are for the Hub"]),
         (["--method", "magic"], ["unknown method"]),
         (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--device", "tpu"], ["device"]),
     ],
@@ -180,7 +182,9 @@ def test_info_on_a_folder_that_is_not_fused(bert_dir, tmp_path):
     assert_one_line_error(run("info", tmp_path), "no config.json")
     # a folder that is not there at all says so, as compress and evaluate do
     assert_one_line_error(run("info", tmp_path / "typo"), "no such folder")
-    assert_one_line_error(run("info", bert_dir, "--revision", "v1"), "--revision picks a version of a Hub model")
+    assert_one_line_error(run("info", bert_dir, "--revision", "v1"), "--revision is for a model on the Hub")
+    assert_one_line_error(run("info", bert_dir, "--endpoint", "http://127.0.0.1:9"), "--endpoint is for a model on the Hub")
+    assert_one_line_error(run("info", bert_dir, "--token", "hf_x"), "drop --token")
 
 
 def test_real_entry_point_prints_one_line_on_stderr(tmp_path):

@@ -21,9 +21,10 @@ LOAD_STOCK = "AutoModel.from_pretrained(dir)  (stock transformers, no custom cod
 def _config_path(model: str, revision: Optional[str], token: Optional[str], endpoint: Optional[str], quiet: bool) -> Path:
     folder = local_folder(model)
     if folder is not None:
-        if revision is not None:
-            raise InvalidConfigError(f"--revision picks a version of a Hub model, and {model} is a local folder: "
-                                     "drop --revision, or name the Hub id")
+        for name, value in (("--revision", revision), ("--endpoint", endpoint), ("--token", token)):
+            if value is not None:  # refused, not ignored
+                raise InvalidConfigError(f"{name} is for a model on the Hub, and {model} is a local folder: "
+                                         f"drop {name}, or name the Hub id")
         if not (folder / "config.json").is_file():
             raise ModelNotFoundError(f"{model} has no config.json: give a folder written by `mlpfusion compress`, or a Hub id")
         return folder / "config.json"
