@@ -1,9 +1,9 @@
 """Writing an output folder so that no failure leaves half of it, and no run replaces what it must not.
 
 - `check_output(output, overwrite, source=...)`: before any heavy work, refuse an output that is,
-  holds or lies inside the source; one that is a file; one in the way without `overwrite`; with
-  `overwrite`, one that does not look like a checkpoint this tool wrote, or that holds the current
-  folder; and make sure a folder can be created beside it at all.
+  holds or lies inside the source; one that is a file; one that is or holds the current folder; one
+  in the way without `overwrite` (an empty folder is not in the way); with `overwrite`, one that does
+  not look like a checkpoint this tool wrote; and make sure a folder can be created beside it at all.
 - `atomic_save(write, output, overwrite=...)`: `write` fills `.NAME.partial-PID/` beside the
   target, which is renamed into place at the end. On any failure or signal the partial folder is
   removed and an output that was being replaced is put back.
@@ -88,6 +88,14 @@ def check_source(output: Path, source: Path | None) -> None:
         )
 
 
+def empty_folder(path: Path) -> bool:
+    """A real folder (not a link to one) with nothing in it: an output may take its place without --overwrite."""
+    try:
+        return path.is_dir() and not path.is_symlink() and next(os.scandir(path), None) is None
+    except OSError:  # unreadable: not known to be empty
+        return False
+
+
 def check_output(output: str | Path, overwrite: bool, *, source: Path | None = None) -> Path:
     """Refuse an output that cannot or must not be written, before any heavy work; returns it absolute."""
     output = absolute(output)
@@ -104,13 +112,12 @@ def check_output(output: str | Path, overwrite: bool, *, source: Path | None = N
     if output.exists() and not output.is_dir():
         raise OutputExistsError(f"{output} already exists and is a file: choose another --output")
     if output.exists():
-        if not overwrite:
-            raise OutputExistsError(f"{output} already exists: choose another --output or pass --overwrite")
         cwd = absolute(os.getcwd())
         if cwd == output or output in cwd.parents:
-            raise OutputExistsError(
-                f"{output} is the current folder or holds it: --overwrite will not replace it; choose another --output"
-            )
+            raise OutputExistsError(f"{output} is the current folder or holds it: it is never replaced, not even "
+                                    "with --overwrite; choose another --output")
+        if not overwrite and not empty_folder(output):  # an empty folder made for the output loses nothing
+            raise OutputExistsError(f"{output} already exists: choose another --output or pass --overwrite")
         why = written_by_us(output)
         if why is not None:
             raise OutputExistsError(
@@ -235,8 +242,9 @@ def atomic_save(write: Callable[[Path], None], output: str | Path, *, overwrite:
             (tmp / MARKER).unlink()
             check_interrupted()  # a signal that some library swallowed still stops the run here
             if output.exists() or output.is_symlink():
-                if not overwrite:
-                    raise OutputExistsError(f"{output} appeared while compressing: choose another --output or pass --overwrite")
+                if not overwrite and not empty_folder(output):
+                    raise OutputExistsError(f"{output} appeared or filled while compressing: choose another --output "
+                                            "or pass --overwrite")
                 moved = True  # before the rename: a signal between the two lines is covered too
                 output.rename(old)
             tmp.rename(output)

@@ -427,6 +427,37 @@ def test_overwrite_replaces_only_a_checkpoint_this_tool_wrote(bert, work):
     assert leftovers(work) == []
 
 
+def test_an_empty_folder_made_for_the_output_needs_no_overwrite(bert, work, monkeypatch):
+    """`mkdir out && mlpfusion compress -o out` loses nothing, so it is no mistake; a link to an empty
+    folder, the current folder, and a folder something fills during the run still are."""
+    out = work / "out"
+    out.mkdir()
+    assert run("compress", bert, "-o", out).exit_code == 0
+    assert (out / "model.safetensors").is_file() and leftovers(work) == []
+    assert_fails(run("compress", bert, "-o", out), 1, "already exists", "--overwrite")  # now it holds a checkpoint
+    (work / "target").mkdir()
+    (work / "link").symlink_to(work / "target")
+    assert_fails(run("compress", bert, "-o", work / "link"), 1, "already exists")
+    here = work / "here"
+    here.mkdir()
+    os.chdir(here)
+    assert_fails(run("compress", bert, "-o", "."), 1, "current folder", "choose another --output")
+    os.chdir(work)
+    assert list(here.iterdir()) == [] and list((work / "target").iterdir()) == []
+
+    filled = work / "filled"
+    filled.mkdir()
+    real_fuse = compress_mod.fuse
+
+    def fuse_while_someone_writes(*args, **kwargs):
+        (filled / "notes.txt").write_text("mine")
+        return real_fuse(*args, **kwargs)
+
+    monkeypatch.setattr(compress_mod, "fuse", fuse_while_someone_writes)
+    assert_fails(run("compress", bert, "-o", filled, "--in-memory"), 1, "filled while compressing")
+    assert [p.name for p in filled.iterdir()] == ["notes.txt"] and leftovers(work) == []
+
+
 def test_overwrite_of_the_current_folder_is_refused(bert, work):
     out = work / "out"
     assert run("compress", bert, "-o", out).exit_code == 0
