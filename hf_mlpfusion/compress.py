@@ -93,7 +93,12 @@ def default_output(model_id: str | None, config: FusionConfig) -> Path:
         path = path.resolve()  # `compress .` is named after the folder, as its card records it
     name = DEFAULT_MODEL_NAME if path is None else (path.stem if path.suffix.lower() == ".gguf" else path.name) or "model"
     amount = f"{config.ratio:g}" if config.intermediate_size is None else f"w{config.intermediate_size}"
-    return Path(f"{name}-mlpfusion-{amount}")
+    output = Path(f"{name}-mlpfusion-{amount}")
+    if path is not None and path.expanduser().is_dir():  # run from inside the model (`compress .`): beside it
+        folder, cwd = path.expanduser().resolve(), Path.cwd().resolve()
+        if cwd == folder or folder in cwd.parents:
+            return folder.parent / output
+    return output
 
 
 def local_source(model_id: str | None) -> Path | None:

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -222,7 +223,21 @@ def test_the_default_output_of_a_relative_dot_source_is_named_after_its_folder(t
     (tmp_path / "my-bert" / "sub").mkdir(parents=True)
     monkeypatch.chdir(tmp_path / "my-bert")
     config = FusionConfig(ratio=0.5)
-    assert default_output(".", config) == default_output("./", config) == Path("my-bert-mlpfusion-0.5")
+    beside = tmp_path.resolve() / "my-bert-mlpfusion-0.5"  # run from inside the model: beside it, not in it
+    assert default_output(".", config) == default_output("./", config) == beside
     monkeypatch.chdir(tmp_path / "my-bert" / "sub")
-    assert default_output("..", config) == Path("my-bert-mlpfusion-0.5")  # not "..-mlpfusion-0.5"
+    assert default_output("..", config) == beside  # not "..-mlpfusion-0.5"
     assert default_output("org/name", config) == Path("name-mlpfusion-0.5")
+    monkeypatch.chdir(tmp_path)
+    assert default_output("my-bert", config) == Path("my-bert-mlpfusion-0.5")  # from outside: the current folder
+
+
+def test_compress_dot_from_inside_the_model_writes_beside_it(bert_dir, tmp_path, monkeypatch):
+    source = tmp_path / "my-bert"
+    shutil.copytree(bert_dir, source)
+    before = sorted(p.name for p in source.iterdir())
+    monkeypatch.chdir(source)
+    result = run("compress", ".", "--ratio", "0.5")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "my-bert-mlpfusion-0.5" / "model.safetensors").is_file()
+    assert sorted(p.name for p in source.iterdir()) == before  # nothing written into the source
