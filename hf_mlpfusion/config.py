@@ -130,6 +130,11 @@ class FusionConfig:
 
         if self.method not in known:
             raise InvalidConfigError(f"unknown method {self.method!r}: choose one of {', '.join(known)}")
+        if self.fold_scale and not known[self.method].counts:
+            with_counts = " and ".join(name for name, m in known.items() if m.counts)
+            raise InvalidConfigError(f"fold_scale (--fold-scale) folds the count vector into the weights, and method "
+                                     f"{self.method!r} has none (only {with_counts} does): its output needs no "
+                                     "folding, drop --fold-scale")
         if self.n_init is not None and self.n_init < 1:
             raise InvalidConfigError("n_init must be at least 1")
         if self.max_iter is not None and self.max_iter < 0:

@@ -114,6 +114,8 @@ def test_default_output_name_and_output_in_the_way(bert_dir, tmp_path, monkeypat
         (["--endpoint", "http://127.0.0.1:9"], ["--endpoint is for the Hub", "is a local folder", "add --push-to-hub"]),
         (["--token", "hf_x", "--endpoint", "http://127.0.0.1:9"], ["--endpoint and --token are for the Hub"]),
         (["--method", "magic"], ["unknown method"]),
+        (["--method", "prune", "--fold-scale"], ["'prune' has none (only fusion does)", "drop --fold-scale"]),
+        (["--method", "cluster", "--fold-scale"], ["'cluster' has none"]),  # not recorded as folded on the card
         (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--device", "tpu"], ["device"]),
     ],
 )

@@ -39,6 +39,7 @@ class Method:
     # `reduce_vectors(z, like, k, *, seed, device, kmeans_options)` with `z, like = vector_input(mlps)`,
     # so that a caller can free the weights before the clustering
     reduce_vectors: Callable[..., Reduction] | None = None
+    counts: bool = False  # whether its Reduction has a count vector (what fold_scale folds)
 
 
 METHODS: dict[str, Method] = {}
@@ -51,8 +52,8 @@ def vector_input(mlps: MLPTensors) -> tuple[torch.Tensor, MLPTensors]:
 
 def register_method(name: str, reduce: Callable[..., Reduction], *, data_aware: bool = False,
                     description: str = "", any_dtype: bool = False,
-                    reduce_vectors: Callable[..., Reduction] | None = None) -> None:
-    METHODS[name] = Method(name, reduce, data_aware, description, any_dtype, reduce_vectors)
+                    reduce_vectors: Callable[..., Reduction] | None = None, counts: bool = False) -> None:
+    METHODS[name] = Method(name, reduce, data_aware, description, any_dtype, reduce_vectors, counts)
 
 
 from . import cluster, fusion, prune, sketch  # noqa: E402,F401  (each registers itself)

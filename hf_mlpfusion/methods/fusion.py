@@ -49,5 +49,5 @@ def _reduction(centers: torch.Tensor, like: MLPTensors, res) -> Reduction:
     return Reduction(split_vectors(centers, like), cluster_sizes(labels, k).float(), res.inertia.cpu().double(), labels)
 
 
-register_method("fusion", reduce, data_aware=True, any_dtype=True, reduce_vectors=reduce_vectors,
+register_method("fusion", reduce, data_aware=True, any_dtype=True, reduce_vectors=reduce_vectors, counts=True,
                 description="MLP fusion: k-means clustering of the sub-MLPs, centroids with a frozen count vector")
