@@ -731,6 +731,9 @@ def load_user_texts(path: str | Path, *, column: str | None = None, role: str = 
         raise InvalidConfigError(f"the {role} text is named by an empty string: {_WHAT}")
     path = Path(path)
     flag = _COLUMN if role == "calibration" else _TEXT_COLUMN
+    if path.is_dir() and (path / "config.json").is_file() and any(
+            next(path.glob(f"*{suffix}"), None) for suffix in (".safetensors", ".bin", ".gguf")):
+        raise InvalidConfigError(f"{path} is a model checkpoint (config.json and weights), not text: {_WHAT}")
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file()
                        and not any(part.startswith(".") for part in p.relative_to(path).parts)

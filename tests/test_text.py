@@ -346,6 +346,14 @@ def test_folder_of_files(tmp_path):
     assert T.load_calibration(mixed) == ["alpha one", "beta two", "gamma three"] * 2
 
 
+def _checkpoint(folder):
+    """A model folder given as text by mistake: its config.json would be read as a JSON table."""
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "bert", "hidden_size": 8}))
+    (folder / "model.safetensors").write_bytes(b"\0" * 16)
+    return folder
+
+
 @pytest.mark.parametrize("make, says", [
     (lambda d: d / "missing.txt", "not found: give a text file"),
     (lambda d: (d / "e.txt").write_text("\n  \n") and d / "e.txt", "has no text: put one sample per line"),
@@ -354,6 +362,7 @@ def test_folder_of_files(tmp_path):
     (lambda d: (d / "bad.parquet").write_bytes(b"not parquet at all") and d / "bad.parquet", "could not read .* as parquet"),
     (lambda d: (d / "empty").mkdir() or d / "empty", "has no .txt, .jsonl"),
     (lambda d: "", "named by an empty string"),  # Path("") would be the current folder
+    (lambda d: _checkpoint(d / "fused"), "is a model checkpoint .config.json and weights., not text"),
 ])
 def test_user_file_mistakes(make, says, tmp_path):
     with pytest.raises(InvalidConfigError, match=says) as err:
