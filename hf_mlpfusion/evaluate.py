@@ -157,7 +157,8 @@ def check_comparable(original_config, fused_config) -> None:
     """The two models can be compared token by token: one family, hidden size, depth and vocabulary."""
     fo, ff = family_of(original_config), family_of(fused_config)
     if fo.name != ff.name:
-        raise InvalidConfigError("the two models are of different families: compare a fused model with its original")
+        raise InvalidConfigError(f"the two models are of different families ({fo.name} and {ff.name}): compare a "
+                                 "fused model with the model it was fused from")
     facts = [("hidden size", fo.hidden_size(original_config), ff.hidden_size(fused_config)),
              ("number of layers", fo.num_layers(original_config), ff.num_layers(fused_config)),
              ("vocabulary size", getattr(original_config, "vocab_size", None), getattr(fused_config, "vocab_size", None))]

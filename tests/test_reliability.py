@@ -667,6 +667,8 @@ def test_evaluate_two_models_of_one_family_but_different_shapes(tok, work):
     assert_fails(run("evaluate", a, b, "--samples", "4"), 1, "hidden size", "32", "16")
     c = save_with_tokenizer(tiny.model("bert", "BertForMaskedLM", layers=2), work / "c", tok)
     assert_fails(run("evaluate", a, c, "--samples", "4"), 1, "number of layers")
+    d = save_with_tokenizer(tiny.model("gpt2", "GPT2LMHeadModel"), work / "d", tok)
+    assert_fails(run("evaluate", a, d, "--samples", "4"), 1, "different families (bert and gpt2)")
 
 
 def test_an_unexpected_exception_is_one_line_with_exit_70(bert, work, monkeypatch):
