@@ -81,14 +81,21 @@ print(type(m).__module__)
     assert (torch.load(tmp_path / "remote.pt") - want).abs().max().item() < 1e-4
 
 
-def test_compress_reads_the_gguf_file_directly(tmp_path):
-    runner = CliRunner()
-    out = tmp_path / "smol-fused"
-    res = runner.invoke(app, ["compress", str(GGUF), "--ratio", "0.5", "--layers", "10-11", "-o", str(out), "-q"])
+@pytest.fixture(scope="module")
+def from_gguf(tmp_path_factory):
+    """One compress straight from the GGUF file, shared by the two tests below: reading the file
+    dequantises every tensor (about 25 s here), so it is done once."""
+    out = tmp_path_factory.mktemp("from-gguf") / "smol-fused"
+    res = CliRunner().invoke(app, ["compress", str(GGUF), "--ratio", "0.5", "--layers", "10-12", "-o", str(out)],
+                             env={"COLUMNS": "400"})
     assert res.exit_code == 0, res.output
-    assert res.stderr == ""  # -q: not even the GGUF reader's own progress bar
+    return out, res
+
+
+def test_compress_reads_the_gguf_file_directly(from_gguf):
+    out, _ = from_gguf
     cfg = json.loads((out / "config.json").read_text())
-    assert cfg["model_type"] == "mlpfusion_llama" and cfg["intermediate_sizes"][9:13] == [1536, 768, 768, 1536]
+    assert cfg["model_type"] == "mlpfusion_llama" and cfg["intermediate_sizes"][9:14] == [1536, 768, 768, 768, 1536]
     assert cfg["mlpfusion"]["source_model"] == GGUF.name
     assert cfg["mlpfusion"]["base_model"] is None  # a file's name is no Hub id
     assert "base_model" not in (out / "README.md").read_text().split("\n---\n", 1)[0]
@@ -100,15 +107,12 @@ def test_compress_reads_the_gguf_file_directly(tmp_path):
     assert gguf_file(GGUF.parent) == GGUF  # a folder holding one GGUF file and no config.json names it too
 
 
-def test_evaluate_reads_the_gguf_file_it_was_compressed_from(smol, tmp_path):
+def test_evaluate_reads_the_gguf_file_it_was_compressed_from(smol, from_gguf, tmp_path):
     import shlex
 
     folder = smol[0]
+    out, res = from_gguf
     runner = CliRunner()
-    out = tmp_path / "smol-fused"
-    res = runner.invoke(app, ["compress", str(GGUF), "--ratio", "0.5", "--layers", "12", "-o", str(out)],
-                        env={"COLUMNS": "400"})
-    assert res.exit_code == 0, res.output
     command = next(line for line in res.stdout.splitlines() if line.startswith("Measure how close it stays: "))
     argv = shlex.split(command.split(": ", 1)[1])
     assert argv[:2] == ["mlpfusion", "evaluate"]  # and a file is no base_model: it is named
@@ -116,7 +120,7 @@ def test_evaluate_reads_the_gguf_file_it_was_compressed_from(smol, tmp_path):
     opts = ["-n", "4", "--ntk-examples", "0", "--json", "-q"]
     ev = runner.invoke(app, [*argv[1:], *opts])
     assert ev.exit_code == 0, ev.output
-    assert ev.stderr == ""  # -q: not even the GGUF reader's bar
+    assert ev.stderr == ""  # -q: not even the GGUF reader's bar (compress -q shares this `progress(quiet)`)
     got = json.loads(ev.stdout)["domains"]
     assert list(got)[:2] == ["pydoc", "bible"]
     ref = runner.invoke(app, ["evaluate", str(folder), str(out), "--text", "builtin:pydoc", *opts])
